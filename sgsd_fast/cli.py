@@ -1,0 +1,45 @@
+"""The `sgsd-fast` command: one entry point, one sub-command per job.
+
+Each sub-command lives with the code it drives and exposes `main(argv) -> int`; this file only
+routes, so `sgsd-fast --help` stays fast (heavy imports happen inside the chosen job).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("sgsd_fast.train.cli", "Train with SGSD / OPSD / sampled-token RKL (default: embedded SmolLM2 job)."),
+    "eval": ("sgsd_fast.train.cli_eval", "Evaluate a model or checkpoint on held-out problems."),
+    "skills": ("sgsd_fast.skills.cli", "Build, inspect, import/export and diff skill banks."),
+    "bench": ("sgsd_fast.bench", "Run a benchmark preset: fused kernels vs naive vs peers."),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: sgsd-fast <command> [options]", "", "commands:"]
+    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `sgsd-fast <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] == "--version":
+        from sgsd_fast import __version__
+
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"sgsd-fast: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
