@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import functools
 
+import torch  # noqa: F401  (libc10 must be loaded before the extension)
+
 
 @functools.lru_cache(maxsize=None)
 def load_extension():
