@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import importlib
 
-_EXPORTS = {
-    "linear_logprobs": "sgsd_fast.ops.linear_logprobs",
-    "linear_divergence": "sgsd_fast.ops.linear_divergence",
-    "teacher_logprobs": "sgsd_fast.ops.sgsd",
-    "sgsd_loss": "sgsd_fast.ops.sgsd",
-}
+# Imported eagerly: the submodules share the functions' names, and a lazily imported submodule
+# would shadow the function of the same name. Triton itself is only imported on first Triton use.
+from sgsd_fast.ops.linear_divergence import linear_divergence
+from sgsd_fast.ops.linear_logprobs import linear_logprobs
 
-__all__ = list(_EXPORTS)
+# sgsd_loss combines linear_logprobs with sgsd_fast.losses (which imports ops.reference), so it
+# is resolved on first access to keep `import sgsd_fast.losses` free of an import cycle.
+_LAZY = {"teacher_logprobs": "sgsd_fast.ops.sgsd", "sgsd_loss": "sgsd_fast.ops.sgsd"}
+
+__all__ = ["linear_logprobs", "linear_divergence", *_LAZY]
 
 
 def __getattr__(name: str):
-    # Lazy so that importing one op does not compile or import the others' Triton kernels.
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'sgsd_fast.ops' has no attribute {name!r}")
