@@ -1,14 +1,150 @@
 """linear_logprobs: log p(target) per row straight from hidden states and the lm_head weight.
 
-PLACEHOLDER (foundation issue in progress): validates inputs and dispatches to the reference
-backend only. The Triton and C++ backends replace this body.
+Using linear_logprobs::
+
+    import torch
+    from sgsd_fast.ops.linear_logprobs import linear_logprobs
+
+    hidden = model_output.hidden_states[-1][:, :-1].reshape(-1, H)   # [N, H], after the final norm
+    targets = input_ids[:, 1:].reshape(-1)                            # [N] int64, -100 = ignored
+    logp = linear_logprobs(hidden, model.lm_head.weight, targets, temperature=1.1)  # [N] fp32
+    (-(advantages * logp)).sum().backward()                           # grads reach hidden and W
+
+    # Teachers: forward only, with the log-sum-exp and the entropy of each row.
+    with torch.no_grad():
+        logp_t, lse_t, entropy_t = linear_logprobs(
+            teacher_hidden, weight, targets, return_lse=True, return_entropy=True)
+
+The N x V logit matrix never exists: logits are formed block by block (rows x vocabulary tile),
+reduced with an online softmax, and recomputed in the backward ("store-free", as in Cut
+Cross-Entropy), so the extra memory is bounded by `workspace_bytes`, independent of N.
+
+Math is fp32 for fp32/bf16/fp16 inputs and float64 for float64 inputs (for gradcheck). Rows whose
+target equals ignore_index are dropped before any GEMM, return 0 and get a zero gradient.
+
+Backends: "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), "cpu" (the C++
+extension sgsd_fast._C), "reference" (naive materialized PyTorch, sgsd_fast.ops.reference),
+"auto" = triton on CUDA, cpu on CPU.
 """
 from __future__ import annotations
 
+import math
+
 import torch
+from torch.autograd.function import once_differentiable
 
 from sgsd_fast.ops import _validate as v
 from sgsd_fast.ops.reference import linear_logprobs_reference
+
+# Default byte budget of the logit workspace. On CPU, 32 MiB is a ~2900 x 2900 fp32 block: BLAS
+# GEMMs with thousands of rows, and small next to the lm_head gradient itself (113 MB for
+# SmolLM2). On a GPU the backward's [rows, V] dz block feeds cuBLAS, which wants hundreds of rows
+# even at V = 152k; 256 MiB gives ~280 rows there and is small next to a model's activations.
+DEFAULT_WORKSPACE_BYTES = {"cpu": 32 << 20, "cuda": 256 << 20}
+# Vocabulary tile cap of the C++ kernels: wider tiles would only shrink the row chunk.
+_MAX_VOCAB_TILE = 8192
+
+
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _cpu_blocks(vocab: int, dtype: torch.dtype, budget: int) -> tuple[int, int]:
+    """(chunk_rows, vocab_tile) of a roughly square math-dtype logit block of at most `budget` bytes."""
+    elem_bytes = torch.finfo(_math_dtype(dtype)).bits // 8
+    tile = max(1, min(vocab, _MAX_VOCAB_TILE, math.isqrt(max(1, budget // elem_bytes))))
+    return max(1, budget // (elem_bytes * tile)), tile
+
+
+def _triton_chunk_rows(vocab: int, weight_dtype: torch.dtype, budget: int) -> int:
+    """Rows of the [rows, V] dz workspace (fp32, plus its cast copy for half weights) in `budget`."""
+    math_dtype = _math_dtype(weight_dtype)
+    per_row = vocab * torch.finfo(math_dtype).bits // 8
+    if weight_dtype != math_dtype:
+        per_row += vocab * torch.finfo(weight_dtype).bits // 8
+    return max(1, budget // max(1, per_row))
+
+
+def _forward_rows(hidden, weight, targets, temperature, with_entropy, backend, budget):
+    """(logp, lse, entropy or None) of compacted rows, in the math dtype."""
+    if backend == "cpu":
+        from sgsd_fast._ext import load_extension
+
+        load_extension()
+        rows, tile = _cpu_blocks(weight.shape[0], hidden.dtype, budget)
+        logp, lse, ent = torch.ops.sgsd_fast.linear_logprobs_fwd(
+            hidden, weight, targets, float(temperature), with_entropy, rows, tile)
+        return logp, lse, (ent if with_entropy else None)
+    from sgsd_fast.ops.triton.logprobs import logprobs_forward
+
+    return logprobs_forward(hidden, weight, targets, float(temperature), with_entropy)
+
+
+def _backward_rows(hidden, weight, targets, grad, lse, temperature, need_dx, need_dw, backend, budget):
+    """(dX or None, dW or None) of compacted rows, in the input dtypes."""
+    if backend == "cpu":
+        rows, tile = _cpu_blocks(weight.shape[0], hidden.dtype, budget)
+        dx, dw = torch.ops.sgsd_fast.linear_logprobs_bwd(
+            hidden, weight, targets, grad, lse, float(temperature), need_dx, need_dw, rows, tile)
+        return (dx if need_dx else None), (dw if need_dw else None)
+    from sgsd_fast.ops.triton.logprobs import logprobs_backward
+
+    rows = _triton_chunk_rows(weight.shape[0], weight.dtype, budget)
+    return logprobs_backward(hidden, weight, targets, grad, lse, float(temperature), need_dx, need_dw, rows)
+
+
+def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """[n] zeros with values at the compacted rows' original positions."""
+    return values.new_zeros(n).index_copy_(0, rows, values)
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    """Fused forward/backward; only logp is differentiable (lse and entropy are marked otherwise)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, ignore_index, backend, with_entropy, budget):
+        n = hidden.shape[0]
+        math_dtype = _math_dtype(hidden.dtype)
+        valid = targets != ignore_index
+        # Compacting the valid rows costs one host sync and an [N_valid, H] copy, and saves every
+        # GEMM FLOP that ignored rows (prompt, padding) would otherwise pay.
+        rows = None if bool(valid.all()) else valid.nonzero().squeeze(1)
+        h = hidden if rows is None else hidden.index_select(0, rows)
+        t = (targets if rows is None else targets.index_select(0, rows)).long().contiguous()
+        if h.shape[0] > 0:
+            logp, lse, entropy = _forward_rows(h, weight, t, temperature, with_entropy, backend, budget)
+        else:
+            # Three distinct tensors: marking lse/entropy non-differentiable must not touch logp.
+            logp, lse, entropy = (torch.empty(0, dtype=math_dtype, device=hidden.device) for _ in range(3))
+        if rows is not None:
+            logp, lse = _scatter_rows(logp, rows, n), _scatter_rows(lse, rows, n)
+            entropy = _scatter_rows(entropy, rows, n) if with_entropy else None
+        if entropy is None:
+            # autograd.Function outputs must be tensors; the wrapper turns this one into None.
+            entropy = logp.new_empty(0)
+        # Saving the original hidden (not the compacted copy) keeps no extra activation alive.
+        ctx.save_for_backward(hidden, weight, targets, lse, rows)
+        ctx.temperature, ctx.backend, ctx.budget = temperature, backend, budget
+        ctx.mark_non_differentiable(lse, entropy)
+        return logp, lse, entropy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logp, _grad_lse, _grad_entropy):
+        hidden, weight, targets, lse, rows = ctx.saved_tensors
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n_valid = hidden.shape[0] if rows is None else rows.numel()
+        if n_valid == 0:
+            dx = torch.zeros_like(hidden) if need_dx else None
+            dw = torch.zeros_like(weight) if need_dw else None
+            return dx, dw, None, None, None, None, None, None
+        pick = (lambda x: x) if rows is None else (lambda x: x.index_select(0, rows))
+        grad = pick(grad_logp).to(lse.dtype).contiguous()
+        dx, dw = _backward_rows(pick(hidden), weight, pick(targets).long().contiguous(), grad, pick(lse),
+                                ctx.temperature, need_dx, need_dw, ctx.backend, ctx.budget)
+        if need_dx and rows is not None:
+            dx = torch.zeros_like(hidden).index_copy_(0, rows, dx)
+        return dx, dw, None, None, None, None, None, None
 
 
 def linear_logprobs(
@@ -21,7 +157,28 @@ def linear_logprobs(
     backend: str = "auto",
     return_lse: bool = False,
     return_entropy: bool = False,
+    workspace_bytes: int | None = None,
 ):
+    """log softmax(hidden @ weight.T / temperature)[row, target] for every row, without N x V logits.
+
+    Args:
+        hidden: [N, H] float32/bfloat16/float16 (float64 for gradcheck); may be non-contiguous.
+        weight: [V, H], same dtype and device as hidden (the lm_head weight).
+        targets: [N] int64 ids in [0, V), or ignore_index for rows to skip.
+        temperature: positive divisor of the logits.
+        ignore_index: target value of rows that return 0 and receive no gradient.
+        backend: "auto", "triton", "cpu" or "reference" (see the module docstring).
+        return_lse: also return log-sum-exp of the (temperature-scaled) logits per row.
+        return_entropy: also return the entropy -sum p log p of softmax(z) per row.
+        workspace_bytes: byte budget of the logit block (default: 32 MiB on CPU, 256 MiB on CUDA);
+            peak extra memory is this plus O((N + V) * H) (gradients, compacted rows), never O(N * V).
+
+    Returns:
+        logp [N] in float32 (float64 for float64 inputs), differentiable w.r.t. hidden and weight;
+        with return_lse or return_entropy, the tuple (logp, lse | None, entropy | None). lse and
+        entropy are forward-only outputs: they are marked non-differentiable (use them for
+        teachers and metrics, not as losses). Ignored rows are 0 in all three.
+    """
     v.check_tensor("hidden", hidden, 2, "[N, H]")
     v.check_tensor("weight", weight, 2, "[V, H]")
     v.check_float("hidden", hidden)
@@ -31,9 +188,19 @@ def linear_logprobs(
     v.check_same_device(hidden=hidden, weight=weight, targets=targets)
     v.check_targets(targets, hidden.shape[0], weight.shape[0], ignore_index)
     v.check_temperature(temperature)
-    v.check_backend(backend)
-    logp, lse, ent = linear_logprobs_reference(hidden, weight, targets, temperature=temperature, ignore_index=ignore_index)
-    logp = logp.float() if hidden.dtype != torch.float64 else logp
+    backend = v.resolve_backend(backend, hidden.device)
+    if workspace_bytes is None:
+        workspace_bytes = DEFAULT_WORKSPACE_BYTES["cuda" if hidden.device.type == "cuda" else "cpu"]
+    elif isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int) or workspace_bytes <= 0:
+        raise ValueError(f"workspace_bytes must be a positive int (bytes), got {workspace_bytes!r}")
+
+    if backend == "reference":
+        logp, lse, entropy = linear_logprobs_reference(
+            hidden, weight, targets, temperature=temperature, ignore_index=ignore_index)
+        lse, entropy = lse.detach(), entropy.detach()
+    else:
+        logp, lse, entropy = _LinearLogprobs.apply(
+            hidden, weight, targets, temperature, ignore_index, backend, return_entropy, workspace_bytes)
     if return_lse or return_entropy:
-        return logp, (lse if return_lse else None), (ent if return_entropy else None)
+        return logp, (lse if return_lse else None), (entropy if return_entropy else None)
     return logp
