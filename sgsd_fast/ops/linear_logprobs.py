@@ -3,7 +3,7 @@
 Using linear_logprobs::
 
     import torch
-    from sgsd_fast.ops.linear_logprobs import linear_logprobs
+    from sgsd_fast.ops import linear_logprobs
 
     hidden = model_output.hidden_states[-1][:, :-1].reshape(-1, H)   # [N, H], after the final norm
     targets = input_ids[:, 1:].reshape(-1)                            # [N] int64, -100 = ignored
