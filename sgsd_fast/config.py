@@ -1,0 +1,368 @@
+"""Training configuration: one dataclass, YAML files and `--key value` command-line overrides.
+
+The conventions follow TRL's `TrlParser`: YAML keys are the dataclass field names, the command line
+overrides the YAML file, booleans are written `--flag true|false`, optional values accept `none`.
+Every field carries a help string (shown by `sgsd-fast train --help`), and the whole config is
+validated up front so that a bad value fails in a second with the field's name instead of an hour
+into a run. The defaults are the embedded CPU job (SmolLM2-135M-Instruct on the built-in task);
+`configs/paper_qwen3_1p7b.yaml` holds the paper's GPU configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("sgsd", "opsd", "sampled_rkl")
+TEACHER_WEIGHTS = ("live", "frozen", "ema")
+OPTIMIZERS = ("auto", "adamw_8bit", "paged_adamw_8bit", "adamw_torch")
+SCHEDULERS = ("constant", "linear", "cosine")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+RETRIEVAL_MODES = ("similarity", "random")
+REPORT_TO = ("auto", "none", "tensorboard")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type, or out of range; the message names the field."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a help string (the TRL/HF convention: `metadata={"help": ...}`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Everything one `sgsd-fast train` run needs. Defaults = the embedded CPU job."""
+
+    # ---- model -------------------------------------------------------------------------------
+    model: str = _f("smollm2", "Model to train: 'smollm2' (the bundled SmolLM2-135M-Instruct GGUF), a Hugging Face "
+                    "model id or a local model directory.")
+    gguf_file: str | None = _f(None, "GGUF file name inside `model` (for GGUF checkpoints).")
+    dtype: str = _f("auto", f"Parameter dtype, one of {DTYPES}; 'auto' = bfloat16 on CUDA, float32 on CPU.")
+    device: str = _f("auto", f"Device, one of {DEVICES}; 'auto' = cuda when available.")
+    attn_implementation: str = _f("auto", "Attention implementation passed to transformers ('auto', 'sdpa', "
+                                  "'eager', 'flash_attention_2').")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass (saves memory, ~20% slower).")
+    liger: bool = _f(False, "Patch RMSNorm/RoPE/SwiGLU with Liger kernels (CUDA only).")
+    use_peft: bool = _f(False, "Train a LoRA adapter instead of all weights.")
+    lora_r: int = _f(16, "LoRA rank (with use_peft).")
+    lora_alpha: int = _f(32, "LoRA alpha (with use_peft).")
+    lora_dropout: float = _f(0.0, "LoRA dropout (with use_peft). Keep 0 so one student pass serves all teachers exactly.")
+    lora_target_modules: str = _f("all-linear", "Comma-separated module names for LoRA, or 'all-linear'.")
+
+    # ---- data --------------------------------------------------------------------------------
+    dataset: str = _f("builtin", "Training problems: 'builtin' (the generated arithmetic task), a JSONL/parquet "
+                      "file, or a Hugging Face dataset (local or already cached).")
+    problem_field: str = _f("problem", "Column holding the problem text (file/HF datasets).")
+    answer_field: str = _f("answer", "Column holding the reference answer (file/HF datasets).")
+    dataset_split: str = _f("train", "Split to read from a Hugging Face dataset.")
+    dataset_limit: int | None = _f(None, "Use at most this many training problems from `dataset`.")
+    eval_dataset: str = _f("builtin", "Held-out problems: 'builtin' (disjoint from the built-in training split) "
+                           "or a file/HF dataset, same formats as `dataset`.")
+    eval_split: str = _f("test", "Split to read from a Hugging Face `eval_dataset`.")
+    builtin_levels: list[int] = _f([1], "Difficulty levels of the built-in task (train and eval); level 1 is the "
+                                   "one a 135M model solves part of the time.")
+    num_train_problems: int = _f(2000, "Number of built-in training problems to generate.")
+    num_eval_problems: int = _f(40, "Number of held-out problems used by each evaluation.")
+
+    # ---- method ------------------------------------------------------------------------------
+    method: str = _f("sgsd", f"Objective, one of {METHODS}: 'sgsd' (skill-conditioned gated self-distillation), "
+                     "'opsd' (answer-conditioned teacher, full-vocab clipped divergence), 'sampled_rkl' "
+                     "(answer-conditioned teacher, sampled-token reverse KL).")
+
+    # ---- rollouts ----------------------------------------------------------------------------
+    prompts_per_step: int = _f(4, "Problems per optimizer step (one rollout each).")
+    max_new_tokens: int = _f(96, "Maximum completion length; longer rollouts are truncated (and still trained on).")
+    temperature: float = _f(0.3, "Sampling temperature of the rollouts (the paper: 1.1 for Qwen3-1.7B). SmolLM2-135M "
+                            "sampled at 0.7-1.0 solved ~1% of its rollouts (greedy: 22%), leaving SGSD almost no "
+                            "success signal.")
+    top_p: float = _f(0.95, "Nucleus sampling threshold of the rollouts (1.0 = off).")
+    top_k: int = _f(20, "Top-k sampling of the rollouts (0 = off).")
+    generation_batch_size: int = _f(16, "Prompts generated together.")
+    student_chat_template: bool = _f(True, "Render the student prompt with the tokenizer's chat template.")
+    student_thinking: bool | None = _f(None, "Chat-template 'thinking' flag for the student (Qwen3: false); "
+                                       "none = the template's default.")
+    teacher_chat_template: bool = _f(True, "Render the teacher prompt with the tokenizer's chat template.")
+    teacher_thinking: bool | None = _f(None, "Chat-template 'thinking' flag for the teachers (Qwen3: true).")
+
+    # ---- teachers ----------------------------------------------------------------------------
+    num_teachers: int = _f(2, "K: teachers (retrieved skill/mistake pairs) per rollout. The paper uses 8; the CPU "
+                           "default uses 2 because every teacher is one more forward pass over the batch with a "
+                           "prompt ~3x longer than the student's (at K=4 the teachers took ~45% of a CPU step).")
+    teacher_weights: str = _f("frozen", f"Teacher parameters, one of {TEACHER_WEIGHTS}: current weights without grad "
+                              "(the SGSD paper's setting), the initial weights (the OPSD recipe and this default: with "
+                              "live teachers and nearly all rollouts failing, the embedded CPU job drifted into "
+                              "degenerate text within 25 steps; with LoRA the adapter is disabled, without LoRA a "
+                              "full copy is kept), or an exponential moving average.")
+    ema_decay: float = _f(0.99, "EMA decay for teacher_weights='ema'.")
+    skill_bank: str = _f("starter", "Skill bank: 'starter' (the bundled static bank), a .json export or a .db bank. "
+                         "The run works on its own copy, the source is never modified.")
+    retrieval: str = _f("similarity", f"Teacher-context retrieval, one of {RETRIEVAL_MODES}.")
+    encoder: str = _f("tfidf", "Text encoder for retrieval (see sgsd_fast.skills.make_encoder); 'tfidf' needs "
+                      "no download.")
+    encoder_model: str | None = _f(None, "Model path or cached id for encoder='sentence-transformers' (the paper "
+                                   "uses a 0.6B embedding model).")
+    teacher_micro_batch_size: int = _f(8, "Rollouts per teacher forward pass.")
+
+    # ---- loss --------------------------------------------------------------------------------
+    tau_g: float = _f(1.0, "SGSD gate temperature tau_g.")
+    support_clip: float = _f(3.0, "SGSD clip c of the per-token log-ratio when measuring teacher support.")
+    deadzone: float = _f(0.05, "SGSD dead zone epsilon: teachers with |support| <= epsilon are ignored.")
+    logprob_temperature: float = _f(1.0, "Temperature tau_s applied to logits in the SGSD / sampled_rkl log-probs.")
+    opsd_beta: float = _f(0.0, "OPSD generalized JSD beta: 0 = forward KL (the recipe), 1 = reverse KL.")
+    opsd_entry_clip: float | None = _f(0.05, "OPSD per-vocabulary-entry clip of the divergence summands (none = off).")
+
+    # ---- optimization ------------------------------------------------------------------------
+    max_steps: int = _f(30, "Optimizer steps.")
+    learning_rate: float = _f(1e-5, "Peak learning rate.")
+    optim: str = _f("auto", f"Optimizer, one of {OPTIMIZERS}; 'auto' = paged_adamw_8bit on CUDA, adamw_8bit on CPU.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _f(1.0, "Gradient-norm clip (0 = off).")
+    lr_scheduler_type: str = _f("constant", f"Learning-rate schedule after warmup, one of {SCHEDULERS}.")
+    warmup_steps: int = _f(2, "Linear warmup steps.")
+    micro_batch_size: int = _f(8, "Rollouts per student forward/backward (gradient accumulation inside a step).")
+    seed: int = _f(0, "Base seed; step s samples its rollouts with seed + s, so resuming is exact.")
+
+    # ---- online self-evolution ---------------------------------------------------------------
+    online_update_every: int = _f(0, "Online skill-bank update every N steps (0 = off).")
+    online_success_threshold: float = _f(0.8, "Skip the online update when the step's success rate is at least this.")
+    online_max_new: int = _f(5, "At most this many new dynamic items per kind per online update.")
+    online_cap: int = _f(30, "Cap of dynamic items per kind.")
+    online_max_new_tokens: int = _f(384, "Generation budget of the policy when it writes new skill/mistake notes.")
+
+    # ---- evaluation --------------------------------------------------------------------------
+    eval_every: int = _f(0, "Evaluate every N steps (0 = only at the start and the end).")
+    eval_at_start: bool = _f(True, "Evaluate before the first step (the 'before' of the summary).")
+    eval_samples: int = _f(0, "k for avg@k: sampled completions per held-out problem (0 = greedy accuracy only).")
+    eval_temperature: float = _f(1.0, "Sampling temperature for avg@k.")
+    eval_max_new_tokens: int | None = _f(None, "Completion length for evaluation (none = max_new_tokens).")
+    verifier_workers: int = _f(2, "Processes verifying answers.")
+    verifier_timeout_s: float = _f(5.0, "Per-answer verification timeout; a timeout counts as reward 0.")
+
+    # ---- output ------------------------------------------------------------------------------
+    output_dir: str | None = _f(None, "Run directory (none = runs/<timestamp>).")
+    save_every: int = _f(10, "Checkpoint every N steps (0 = only at the end and on Ctrl-C).")
+    save_total_limit: int | None = _f(2, "Keep at most this many checkpoints (none = all).")
+    report_to: str = _f("auto", f"Extra metric sinks, one of {REPORT_TO}; 'auto' = TensorBoard when installed.")
+    progress: bool = _f(True, "Show a progress bar.")
+    log_completions: int = _f(1, "Completions per step written to completions.jsonl (0 = none).")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation ----------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad field."""
+        _check_types(self)
+
+        def need(cond: bool, name: str, expected: str) -> None:
+            if not cond:
+                raise ConfigError(f"config field {name!r}: expected {expected}, got {getattr(self, name)!r}")
+
+        for name, choices in (("method", METHODS), ("teacher_weights", TEACHER_WEIGHTS), ("optim", OPTIMIZERS),
+                              ("lr_scheduler_type", SCHEDULERS), ("dtype", DTYPES), ("device", DEVICES),
+                              ("retrieval", RETRIEVAL_MODES), ("report_to", REPORT_TO)):
+            need(getattr(self, name) in choices, name, f"one of {choices}")
+        for name in ("prompts_per_step", "max_new_tokens", "generation_batch_size", "num_teachers",
+                     "teacher_micro_batch_size", "max_steps", "micro_batch_size", "lora_r", "lora_alpha",
+                     "num_train_problems", "num_eval_problems", "verifier_workers", "online_max_new", "online_cap",
+                     "online_max_new_tokens"):
+            need(getattr(self, name) >= 1, name, "an integer >= 1")
+        for name in ("warmup_steps", "top_k", "online_update_every", "eval_every", "eval_samples", "save_every",
+                     "log_completions"):
+            need(getattr(self, name) >= 0, name, "an integer >= 0")
+        for name in ("temperature", "eval_temperature", "tau_g", "support_clip", "learning_rate",
+                     "logprob_temperature", "verifier_timeout_s"):
+            need(getattr(self, name) > 0, name, "a number > 0")
+        for name in ("deadzone", "weight_decay", "max_grad_norm", "adam_epsilon"):
+            need(getattr(self, name) >= 0, name, "a number >= 0")
+        need(0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
+        need(0 <= self.ema_decay < 1, "ema_decay", "a number in [0, 1)")
+        need(0 <= self.adam_beta1 < 1, "adam_beta1", "a number in [0, 1)")
+        need(0 <= self.adam_beta2 < 1, "adam_beta2", "a number in [0, 1)")
+        need(0 <= self.lora_dropout < 1, "lora_dropout", "a number in [0, 1)")
+        need(0 <= self.opsd_beta <= 1, "opsd_beta", "a number in [0, 1]")
+        need(0 <= self.online_success_threshold <= 1, "online_success_threshold", "a number in [0, 1]")
+        need(self.opsd_entry_clip is None or self.opsd_entry_clip > 0, "opsd_entry_clip", "a number > 0 or none")
+        need(self.dataset_limit is None or self.dataset_limit >= 1, "dataset_limit", "an integer >= 1 or none")
+        need(self.eval_max_new_tokens is None or self.eval_max_new_tokens >= 1, "eval_max_new_tokens",
+             "an integer >= 1 or none")
+        need(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit",
+             "an integer >= 1 or none")
+        need(len(self.builtin_levels) > 0 and all(lv >= 1 for lv in self.builtin_levels), "builtin_levels",
+             "a non-empty list of levels >= 1")
+        need(self.encoder not in ("sentence-transformers", "st") or self.encoder_model is not None, "encoder_model",
+             "a model path or cached id when encoder='sentence-transformers'")
+        need(self.lora_target_modules.strip() != "", "lora_target_modules", "'all-linear' or module names")
+        for name in ("dataset", "eval_dataset"):
+            value = getattr(self, name)
+            need(value == "builtin" or not _looks_like_file(value) or Path(value).exists(), name,
+                 "'builtin', an existing JSONL/parquet file, or a Hugging Face dataset name")
+        need(self.skill_bank == "starter" or Path(self.skill_bank).is_file(), "skill_bank",
+             "'starter' or an existing .json/.db skill bank file")
+        need(self.model == "smollm2" or not self.model.startswith((".", "/", "~")) or Path(self.model).exists(),
+             "model", "'smollm2', a Hugging Face model id or an existing local directory")
+
+    # -- conversion ----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from a mapping (e.g. parsed YAML); unknown keys are an error that suggests the closest field."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in names:
+                close = difflib.get_close_matches(str(key), names, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"unknown config field {key!r}{hint}")
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> TrainConfig:
+        return cls.from_dict(read_yaml(path))
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML mapping of config fields; a missing file or a non-mapping is a ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: file {str(p)!r} does not exist")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {str(p)!r} must hold a mapping of field: value, got {type(data).__name__}")
+    return data
+
+
+def _looks_like_file(value: str) -> bool:
+    return value.endswith((".jsonl", ".json", ".parquet")) or value.startswith((".", "/", "~"))
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) for `X | None` annotations."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _parse_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ConfigError(f"config field {name!r}: expected true or false, got {value!r}")
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Convert a YAML or command-line value to the field's type, or raise ConfigError naming the field."""
+    inner, optional = _base_type(tp)
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"config field {name!r}: must not be empty (expected {getattr(inner, '__name__', inner)})")
+    try:
+        if inner is bool:
+            return _parse_bool(name, value)
+        if typing.get_origin(inner) is list:
+            (item,) = typing.get_args(inner)
+            items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
+            if any(isinstance(v, (bool, list, dict)) for v in items):
+                raise ValueError
+            return [item(v) for v in items]
+        if inner is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value) if not isinstance(value, str) else int(value.strip())
+        if inner is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if inner is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        expected = getattr(inner, "__name__", str(inner))
+        raise ConfigError(f"config field {name!r}: expected {expected}{' or none' if optional else ''}, "
+                          f"got {value!r}") from None
+    return value
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    """Catch wrongly typed values passed from Python (YAML/CLI values are coerced before)."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        inner, optional = _base_type(hints[f.name])
+        if value is None:
+            if not optional:
+                raise ConfigError(f"config field {f.name!r}: must not be none")
+            continue
+        ok = {bool: lambda v: isinstance(v, bool),
+              int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+              float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              str: lambda v: isinstance(v, str)}.get(inner, lambda v: isinstance(v, list))(value)
+        if not ok:
+            raise ConfigError(f"config field {f.name!r}: expected {getattr(inner, '__name__', inner)}, "
+                              f"got {value!r} ({type(value).__name__})")
+
+
+# ---- command line ----------------------------------------------------------------------------
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One `--field VALUE` option per config field, defaults suppressed so only given ones override."""
+    hints = typing.get_type_hints(TrainConfig)
+    group = parser.add_argument_group("config fields (override the YAML file)")
+    for f in dataclasses.fields(TrainConfig):
+        inner, optional = _base_type(hints[f.name])
+        metavar = {bool: "true|false", int: "INT", float: "FLOAT", str: "STR"}.get(inner, "A,B,...")
+        if optional:
+            metavar += "|none"
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        group.add_argument(f"--{f.name}", dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
+                           help=f"{f.metadata['help']} (default: {default})".replace("%", "%%"))
+
+
+def config_from_args(ns: argparse.Namespace, base: dict[str, Any] | None = None) -> TrainConfig:
+    """Merge: dataclass defaults < `base` (e.g. a checkpoint's config) < --config YAML < command-line fields."""
+    values: dict[str, Any] = dict(base or {})
+    if getattr(ns, "config", None):
+        values.update(read_yaml(ns.config))
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values.update({k: v for k, v in vars(ns).items() if k in names})
+    return TrainConfig.from_dict(values)
+
+
+def parse_config(argv: list[str]) -> TrainConfig:
+    """`--config file.yaml --key value ...` -> validated TrainConfig (convenience for scripts and tests)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--config", default=None)
+    add_config_arguments(parser)
+    ns, rest = parser.parse_known_args(argv)
+    if rest:
+        raise ConfigError(f"unknown command-line option(s) {rest}; see `sgsd-fast train --help`")
+    return config_from_args(ns)

@@ -1,0 +1,58 @@
+"""`sgsd-fast train`: train with SGSD / OPSD / sampled-token RKL.
+
+    sgsd-fast train                                   # the embedded CPU job (SmolLM2-135M, built-in task)
+    sgsd-fast train --config configs/paper_qwen3_1p7b.yaml --dataset dapo.parquet
+    sgsd-fast train --max_steps 10 --use_peft true    # any config field as --field value
+    sgsd-fast train --resume auto --output_dir runs/x # continue the latest checkpoint of a run
+
+Precedence: field defaults < the resumed checkpoint's config < --config YAML < command line.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import yaml
+
+from sgsd_fast.config import ConfigError, add_config_arguments, config_from_args, read_yaml
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sgsd-fast train", allow_abbrev=False,
+        description="Train a policy with skill-conditioned gated self-distillation (SGSD) or a baseline. "
+                    "With no arguments: SmolLM2-135M-Instruct on the built-in arithmetic task, on CPU.")
+    parser.add_argument("--config", metavar="FILE", help="YAML file of config fields.")
+    parser.add_argument("--resume", metavar="PATH|auto",
+                        help="Continue from a checkpoint folder, a run folder (its latest checkpoint), or 'auto' "
+                             "(latest checkpoint of --output_dir, else of the newest run under runs/).")
+    add_config_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    from sgsd_fast.train.checkpoint import resolve_resume
+
+    try:
+        checkpoint = base = None
+        if ns.resume:
+            output_dir = getattr(ns, "output_dir", None) or (read_yaml(ns.config).get("output_dir")
+                                                             if ns.config else None)
+            checkpoint = resolve_resume(ns.resume, output_dir)
+            base = yaml.safe_load((checkpoint / "config.yaml").read_text())
+            base["output_dir"] = output_dir or str(checkpoint.parent)
+            if (checkpoint / "skill_bank.db").is_file():  # the bank as it was at that step, not the source
+                base["skill_bank"] = str(checkpoint / "skill_bank.db")
+        cfg = config_from_args(ns, base)
+    except (ConfigError, FileNotFoundError) as exc:
+        parser.error(str(exc))  # exits with status 2 and the usage line
+    from sgsd_fast.train.trainer import Trainer
+
+    with Trainer(cfg, resume=checkpoint) as trainer:
+        if checkpoint is not None:
+            print(f"resuming from {checkpoint} (step {trainer.state.get('step', 0)})")
+        print(f"run directory: {Path(trainer.run_dir)}")
+        summary = trainer.train()
+    return 130 if summary["interrupted"] else 0

@@ -1,0 +1,68 @@
+"""`sgsd-fast eval`: held-out accuracy (greedy), avg@k (sampling) and format rate of a model or checkpoint.
+
+    sgsd-fast eval                                        # the base SmolLM2 on the built-in eval split
+    sgsd-fast eval --checkpoint runs/x/checkpoint-30      # a trained checkpoint (full or LoRA)
+    sgsd-fast eval --model Qwen/Qwen3-1.7B --eval_dataset aime24.jsonl --eval_samples 12 --output r.json
+
+Settings are TrainConfig fields (model, eval_dataset, num_eval_problems, eval_samples, ...); with
+--checkpoint the checkpoint's own config is the base, so the model is rebuilt exactly as trained.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+from sgsd_fast.config import ConfigError, add_config_arguments, config_from_args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sgsd-fast eval", allow_abbrev=False,
+                                     description="Evaluate a model or a training checkpoint on held-out problems.")
+    parser.add_argument("--checkpoint", metavar="DIR", help="A checkpoint-<step> folder written by `sgsd-fast train`.")
+    parser.add_argument("--config", metavar="FILE", help="YAML file of config fields.")
+    parser.add_argument("--output", metavar="FILE", help="Also write the metrics as JSON to FILE.")
+    add_config_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        base = None
+        if ns.checkpoint:
+            ckpt = Path(ns.checkpoint)
+            if not (ckpt / "model").is_dir() or not (ckpt / "config.yaml").is_file():
+                raise ConfigError(f"--checkpoint: {str(ckpt)!r} is not a checkpoint folder "
+                                  f"(expected model/ and config.yaml inside)")
+            base = yaml.safe_load((ckpt / "config.yaml").read_text())
+        if hasattr(ns, "max_new_tokens") and not hasattr(ns, "eval_max_new_tokens"):
+            ns.eval_max_new_tokens = None  # here --max_new_tokens means the evaluation length
+        cfg = config_from_args(ns, base)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    from sgsd_fast.train.checkpoint import load_model_weights
+    from sgsd_fast.train.evaluate import evaluate
+    from sgsd_fast.train.trainer import build_model, load_eval_problems
+    from sgsd_fast.verify import Verifier
+
+    model, tokenizer = build_model(cfg)
+    if ns.checkpoint:
+        load_model_weights(model, Path(ns.checkpoint) / "model")
+    problems = load_eval_problems(cfg)
+    with Verifier(num_workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s) as verifier:
+        metrics = evaluate(model, tokenizer, problems, verifier,
+                           max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, samples=cfg.eval_samples,
+                           temperature=cfg.eval_temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                           batch_size=cfg.generation_batch_size, seed=cfg.seed,
+                           chat_template=cfg.student_chat_template, thinking=cfg.student_thinking)
+    source = ns.checkpoint or cfg.model
+    print(f"model: {source}  ({len(problems)} problems from {cfg.eval_dataset!r})")
+    for key, value in metrics.items():
+        print(f"  {key:<24} {value:.4f}")
+    if ns.output:
+        Path(ns.output).write_text(json.dumps({"model": source, **metrics}, indent=1))
+    return 0

@@ -1,0 +1,459 @@
+"""The training loop: rollouts -> verify -> teacher contexts -> teacher scores -> one student update.
+
+    trainer = Trainer(TrainConfig(...))        # or pass model=, tokenizer=, problems, verifier=
+    summary = trainer.train()                   # eval before/after, checkpoints, metrics, plot
+
+One step s (0-based; logged as step s + 1):
+  1. take the next `prompts_per_step` problems of a seeded per-epoch shuffle;
+  2. sample one rollout each with seed = seed + s (so a resumed run samples exactly the same);
+  3. verify (process pool with timeouts; a timeout is reward 0 and is counted);
+  4. build the teacher inputs (K retrieved skill/mistake pairs for SGSD, the answer-conditioned
+     prompt for OPSD / sampled RKL) and score the identical completion ids without gradient;
+  5. one student forward/backward per micro-batch, clip, optimizer step (skipped if non-finite);
+  6. EMA teacher update, online skill-bank evolution, metrics, eval, checkpoint.
+
+Ctrl-C saves a checkpoint and returns cleanly; `resume=` continues from one to the same result
+as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import random
+import resource
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sgsd_fast.config import TrainConfig
+from sgsd_fast.data import Problem, generate_problems, load_problems
+from sgsd_fast.models import LoraSettings, load_model_and_tokenizer
+from sgsd_fast.prompts import render_prompt
+from sgsd_fast.skills import OnlineEvolver, Retriever, SkillBank, make_encoder, starter_bank_path, teacher_messages
+from sgsd_fast.train.checkpoint import copy_sqlite, load_checkpoint, save_checkpoint
+from sgsd_fast.train.evaluate import evaluate, student_prompts
+from sgsd_fast.train.logging import PLOT_FILE, MetricsLogger, plot_curves
+from sgsd_fast.train.rollout import HFRolloutEngine
+from sgsd_fast.train.step import StepInputs, build_optimizer, build_scheduler, update_step
+from sgsd_fast.train.teachers import (TeacherPool, TokenMasker, answer_conditioned_messages, is_peft_model,
+                                      retrieve_contexts)
+from sgsd_fast.verify import Verifier
+
+BANK_FILE = "skill_bank.db"
+
+
+def default_run_dir() -> Path:
+    return Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA max_memory_allocated on GPU, max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def load_train_problems(cfg: TrainConfig) -> list[Problem]:
+    if cfg.dataset == "builtin":
+        return generate_problems(cfg.num_train_problems, seed=cfg.seed, split="train", levels=cfg.builtin_levels)
+    return load_problems(cfg.dataset, problem_field=cfg.problem_field, answer_field=cfg.answer_field,
+                         split=cfg.dataset_split, limit=cfg.dataset_limit)
+
+
+def load_eval_problems(cfg: TrainConfig) -> list[Problem]:
+    if cfg.eval_dataset == "builtin":
+        return generate_problems(cfg.num_eval_problems, seed=cfg.seed, split="eval", levels=cfg.builtin_levels)
+    return load_problems(cfg.eval_dataset, problem_field=cfg.problem_field, answer_field=cfg.answer_field,
+                         split=cfg.eval_split, limit=cfg.num_eval_problems)
+
+
+def lora_settings(cfg: TrainConfig) -> LoraSettings:
+    targets = cfg.lora_target_modules
+    return LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                        target_modules=targets if targets == "all-linear" else
+                        tuple(t.strip() for t in targets.split(",") if t.strip()))
+
+
+def build_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
+    lora = lora_settings(cfg) if cfg.use_peft else None
+    return load_model_and_tokenizer(cfg.model, gguf_file=cfg.gguf_file, dtype=cfg.dtype, device=cfg.device,
+                                    attn_implementation=cfg.attn_implementation,
+                                    gradient_checkpointing=cfg.gradient_checkpointing, lora=lora, liger=cfg.liger)
+
+
+def prepare_bank(cfg: TrainConfig, run_dir: Path) -> Path:
+    """The run's own working copy of the skill bank (the source is never modified)."""
+    dst = run_dir / BANK_FILE
+    if dst.exists():
+        dst.unlink()
+    source = str(starter_bank_path()) if cfg.skill_bank == "starter" else cfg.skill_bank
+    if source.endswith(".db"):
+        copy_sqlite(Path(source), dst)
+    else:
+        bank = SkillBank(dst)
+        try:
+            bank.import_json(source)
+        finally:
+            bank.close()
+    return dst
+
+
+class Trainer:
+    """Runs one training job described by a TrainConfig.
+
+    Args:
+        cfg: the validated configuration.
+        model, tokenizer: an already built policy (tests, notebooks); default: built from cfg.
+            With cfg.use_peft a plain model is wrapped with LoRA here.
+        train_problems, eval_problems: override cfg's datasets.
+        verifier: anything with `.score(completions, answers)` (default: a Verifier pool from cfg).
+        run_dir: default cfg.output_dir or runs/<timestamp>.
+        resume: a checkpoint folder to continue from.
+        log: where progress lines go (default: print).
+    """
+
+    def __init__(self, cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = None,
+                 train_problems: Sequence[Problem] | None = None, eval_problems: Sequence[Problem] | None = None,
+                 verifier: Any = None, run_dir: str | Path | None = None, resume: str | Path | None = None,
+                 log: Callable[[str], None] = print) -> None:
+        if (model is None) != (tokenizer is None):
+            raise ValueError("pass both model and tokenizer, or neither")
+        self.cfg = cfg
+        self.log = log
+        self.run_dir = Path(run_dir or cfg.output_dir or default_run_dir())
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._seed_everything(cfg.seed)
+
+        if model is None:
+            model, tokenizer = build_model(cfg)
+        elif cfg.use_peft and not is_peft_model(model):
+            from peft import get_peft_model
+
+            model = get_peft_model(model, lora_settings(cfg).to_peft())
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.device = next(model.parameters()).device
+
+        self.train_problems = list(train_problems) if train_problems is not None else load_train_problems(cfg)
+        self.eval_problems = list(eval_problems) if eval_problems is not None else load_eval_problems(cfg)
+        if not self.train_problems:
+            raise ValueError(f"dataset {cfg.dataset!r} gave no training problems")
+
+        self._owns_verifier = verifier is None
+        self.verifier = verifier or Verifier(num_workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s)
+        self.engine = HFRolloutEngine(model, tokenizer, max_new_tokens=cfg.max_new_tokens,
+                                      temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                      batch_size=cfg.generation_batch_size)
+        self.teachers = TeacherPool(model, tokenizer, weights=cfg.teacher_weights, ema_decay=cfg.ema_decay,
+                                    micro_batch_size=cfg.teacher_micro_batch_size,
+                                    chat_template=cfg.teacher_chat_template, thinking=cfg.teacher_thinking,
+                                    temperature=cfg.logprob_temperature)
+        self.masker = TokenMasker(tokenizer, keep_eos=cfg.method != "sgsd")
+        self.optimizer = build_optimizer(model.parameters(), cfg, self.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+
+        self.bank_path: Path | None = None
+        self.bank = self.retriever = self.evolver = None
+        self.state: dict[str, Any] = {"history": [], "skipped_steps": 0, "verifier_timeouts": 0,
+                                      "online_updates": 0}
+        start_bank = None
+        teacher_state = None
+        if resume is not None:
+            self.state, teacher_state = load_checkpoint(resume, model=model, optimizer=self.optimizer,
+                                                        scheduler=self.scheduler)
+            if teacher_state is not None:
+                self.teachers.weights.load_state_dict(teacher_state)
+            if (Path(resume) / BANK_FILE).is_file():
+                start_bank = Path(resume) / BANK_FILE
+        if cfg.method == "sgsd":
+            self.bank_path = self.run_dir / BANK_FILE
+            if start_bank is not None:
+                copy_sqlite(start_bank, self.bank_path)
+            else:
+                prepare_bank(cfg, self.run_dir)
+            self.bank = SkillBank(self.bank_path)
+            encoder_kw = ({"model": model, "tokenizer": tokenizer} if cfg.encoder == "policy" else
+                          {"model": cfg.encoder_model} if cfg.encoder_model is not None else {})
+            self.retriever = Retriever(self.bank, make_encoder(cfg.encoder, **encoder_kw), k=cfg.num_teachers,
+                                       mode=cfg.retrieval, seed=cfg.seed)
+            if cfg.online_update_every:
+                self.evolver = OnlineEvolver(self.bank, self._generate_text, every=cfg.online_update_every,
+                                             success_threshold=cfg.online_success_threshold,
+                                             max_new=cfg.online_max_new, cap=cfg.online_cap,
+                                             render_fn=self._render_note_prompt, model_name=cfg.model,
+                                             batch_size=cfg.generation_batch_size)
+        self.metrics = MetricsLogger(self.run_dir, report_to=cfg.report_to)
+        if resume is not None:
+            self.metrics.rewrite(self.state["history"])  # drop rows logged after the checkpoint
+            self._truncate_completions(int(self.state.get("step", 0)))
+        (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+        self._stop_requested = False
+        self._epoch_orders: dict[int, list[int]] = {}
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def _truncate_completions(self, step: int) -> None:
+        """On resume, forget logged completions of steps after the checkpoint (they will be redone)."""
+        path = self.run_dir / "completions.jsonl"
+        if path.is_file():
+            keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in keep))
+
+    def _render_note_prompt(self, messages: list[dict]) -> str:
+        """Note-writing prompts use the chat template with the student side's thinking flag."""
+        return render_prompt(self.tokenizer, messages, chat_template=self.cfg.student_chat_template,
+                             thinking=self.cfg.student_thinking)
+
+    def _generate_text(self, prompts: list[str]) -> list[str]:
+        """Greedy generation with the current policy: the LLM that writes online skill/mistake notes."""
+        engine = HFRolloutEngine(self.model, self.tokenizer, max_new_tokens=self.cfg.online_max_new_tokens,
+                                 batch_size=self.cfg.generation_batch_size)
+        return engine.generate(prompts, greedy=True).completion_texts
+
+    def batch_problems(self, step: int) -> list[Problem]:
+        """Problems of `step`: consecutive slices of a per-epoch shuffle seeded by (seed, epoch)."""
+        n, per = len(self.train_problems), self.cfg.prompts_per_step
+        out = []
+        for idx in range(step * per, (step + 1) * per):
+            epoch = idx // n
+            if epoch not in self._epoch_orders:
+                order = list(range(n))
+                random.Random(f"sgsd_fast.epoch:{self.cfg.seed}:{epoch}").shuffle(order)
+                self._epoch_orders = {epoch: order}  # keep one epoch in memory
+            out.append(self.train_problems[self._epoch_orders[epoch][idx % n]])
+        return out
+
+    def _teacher_inputs(self, problems: list[Problem], completions: list[list[int]], length: int) -> dict[str, Any]:
+        cfg, pool = self.cfg, self.teachers
+        if cfg.method == "sgsd":
+            contexts, weights = retrieve_contexts(self.retriever, problems, cfg.num_teachers)
+            prompts = [[pool.prompt_ids(teacher_messages(p.question, c)) for c in ctxs]
+                       for p, ctxs in zip(problems, contexts)]
+            return {"teacher_logp": pool.score(prompts, completions, length),
+                    "teacher_weights": weights.to(self.device)}
+        prompts = [pool.prompt_ids(answer_conditioned_messages(p.question, p.answer)) for p in problems]
+        if cfg.method == "sampled_rkl":
+            return {"teacher_logp": pool.score([[p] for p in prompts], completions, length)}
+        hidden, head = pool.hidden(prompts, completions, length)
+        return {"teacher_hidden": hidden, "teacher_head": head}
+
+    def _evaluate(self, step: int) -> dict[str, float]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        metrics = evaluate(self.model, self.tokenizer, self.eval_problems, self.verifier,
+                           max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, samples=cfg.eval_samples,
+                           temperature=cfg.eval_temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                           batch_size=cfg.generation_batch_size, seed=cfg.seed + 10**6 + step,
+                           chat_template=cfg.student_chat_template, thinking=cfg.student_thinking)
+        row = {"step": step, "eval_step": step, **metrics, "time/eval": time.perf_counter() - t0}
+        self.state["history"].append(row)
+        self.metrics.log(row)
+        k = f", avg@{cfg.eval_samples} {metrics['eval/avg_at_k']:.3f}" if cfg.eval_samples else ""
+        self.log(f"[eval step {step}] accuracy {metrics['eval/accuracy']:.3f}{k}, "
+                 f"format rate {metrics['eval/format_rate']:.3f} ({len(self.eval_problems)} problems)")
+        return metrics
+
+    def _save(self, step: int) -> Path:
+        path = save_checkpoint(self.run_dir, step, model=self.model, tokenizer=self.tokenizer,
+                               optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=self.state,
+                               config_yaml=self.cfg.to_yaml(), teacher_state=self.teachers.weights.state_dict(),
+                               bank_path=self.bank_path, save_total_limit=self.cfg.save_total_limit)
+        self.state["last_checkpoint"] = str(path)
+        return path
+
+    # ---- one step ----------------------------------------------------------------------------
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        """Run step `step` (0-based) and return its metrics row (logged as step + 1)."""
+        cfg, times = self.cfg, {}
+        t_start = time.perf_counter()
+        problems = self.batch_problems(step)
+        prompts = student_prompts(self.tokenizer, [p.question for p in problems],
+                                  chat_template=cfg.student_chat_template, thinking=cfg.student_thinking)
+        t = time.perf_counter()
+        rollouts = self.engine.generate(prompts, seed=cfg.seed + step)
+        times["time/generate"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        verdict = self.verifier.score(rollouts.completion_texts, [p.answer for p in problems])
+        times["time/verify"] = time.perf_counter() - t
+        rewards = torch.tensor(verdict.rewards, dtype=torch.float32, device=self.device)
+
+        completions = [list(c) for c in rollouts.completion_ids]
+        length = max(1, max(len(c) for c in completions))
+        t = time.perf_counter()
+        teacher = self._teacher_inputs(problems, completions, length)
+        times["time/teachers"] = time.perf_counter() - t
+
+        mask = self.masker.mask(completions, length).to(self.device)
+        inputs = StepInputs(prompt_ids=rollouts.prompt_ids, completion_ids=completions, mask=mask,
+                            rewards=rewards, **teacher)
+        t = time.perf_counter()
+        result = update_step(self.model, self.optimizer, self.scheduler, inputs, cfg,
+                             pad_id=self.tokenizer.pad_token_id)
+        times["time/update"] = time.perf_counter() - t
+        if not result.skipped:
+            self.teachers.weights.update()
+
+        online: dict[str, Any] = {}
+        if self.evolver is not None:
+            t = time.perf_counter()
+            online = self.evolver.maybe_update(step + 1, [p.question for p in problems], rollouts.completion_texts,
+                                               verdict.rewards, answers=[p.answer for p in problems])
+            times["time/online_update"] = time.perf_counter() - t
+            if online:
+                self.state["online_updates"] += 1
+                snapshots = self.run_dir / "bank_snapshots"
+                snapshots.mkdir(exist_ok=True)
+                self.bank.export_json(snapshots / f"step-{step + 1}.json")
+        self.state["skipped_steps"] += int(result.skipped)
+        self.state["verifier_timeouts"] += int(verdict.timeouts)
+        lengths = [len(c) for c in completions]
+        row: dict[str, Any] = {
+            "step": step + 1,
+            "loss": result.loss,
+            "reward": float(rewards.mean()),
+            "format_rate": sum(x is not None for x in verdict.extracted) / len(verdict.extracted),
+            "grad_norm": result.grad_norm,
+            "lr": result.lr,
+            "skipped": int(result.skipped),
+            "skipped_steps": self.state["skipped_steps"],
+            "verifier_timeouts": int(verdict.timeouts),
+            "verifier_errors": int(verdict.errors),
+            "completion_length/mean": sum(lengths) / len(lengths),
+            "completion_length/min": min(lengths),
+            "completion_length/max": max(lengths),
+            "truncation_rate": sum(rollouts.truncated) / len(rollouts.truncated),
+            "mask_tokens": int(mask.sum()),
+            "num_teachers": int(teacher["teacher_logp"].shape[1]) if "teacher_logp" in teacher else 1,
+            **result.metrics,
+            **{f"online/{k}": v for k, v in online.items() if isinstance(v, (int, float))},
+            **times,
+            "time/step": time.perf_counter() - t_start,
+            "peak_memory_mb": peak_memory_mb(self.device),
+        }
+        if cfg.log_completions:
+            with (self.run_dir / "completions.jsonl").open("a") as fh:
+                for p, text, r in list(zip(problems, rollouts.completion_texts, verdict.rewards))[:cfg.log_completions]:
+                    fh.write(json.dumps({"step": step + 1, "problem_id": p.id, "question": p.question,
+                                         "answer": p.answer, "completion": text, "reward": r}) + "\n")
+        return row
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self._stop_requested:  # second Ctrl-C: give up waiting for the step to finish
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        self.log("\nCtrl-C: finishing the current step, then saving a checkpoint (Ctrl-C again to abort).")
+
+    def request_stop(self) -> None:
+        """Ask the loop to save and return after the current step (what Ctrl-C does)."""
+        self._stop_requested = True
+
+    def train(self) -> dict[str, Any]:
+        """Run to cfg.max_steps (or until stopped); returns a summary dict."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        start = int(self.state.get("step", 0))
+        handler_installed = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, self._on_sigint) if handler_installed else None
+        interrupted = False
+        t_run = time.perf_counter()
+        try:
+            if start == 0 and cfg.eval_at_start and not self.state["history"]:
+                self._evaluate(0)
+            bar = tqdm(total=cfg.max_steps, initial=start, disable=not cfg.progress, desc="train", unit="step",
+                       dynamic_ncols=True, file=sys.stderr)
+            step = start
+            for step in range(start, cfg.max_steps):
+                row = self.train_step(step)
+                self.state["step"] = step + 1
+                self.state["history"].append(row)
+                self.metrics.log(row)
+                bar.update(1)
+                bar.set_postfix(reward=f"{row['reward']:.2f}", loss=f"{row['loss']:.4f}",
+                                len=f"{row['completion_length/mean']:.0f}", skipped=self.state["skipped_steps"])
+                done = step + 1
+                last = done == cfg.max_steps
+                if cfg.eval_every and done % cfg.eval_every == 0 and not last:
+                    self._evaluate(done)
+                if self._stop_requested:
+                    interrupted = True
+                    break
+                if cfg.save_every and done % cfg.save_every == 0 and not last:
+                    self._save(done)
+            bar.close()
+            end_step = int(self.state.get("step", start))
+            if not interrupted and end_step == cfg.max_steps:
+                last_eval = [r for r in self.state["history"] if "eval_step" in r]
+                if not last_eval or last_eval[-1]["eval_step"] != end_step:
+                    self._evaluate(end_step)
+            checkpoint = self._save(end_step) if end_step > 0 else None
+        finally:
+            if handler_installed:
+                signal.signal(signal.SIGINT, previous)
+        plot = plot_curves(self.state["history"], self.run_dir / PLOT_FILE)
+        summary = self._summary(interrupted, checkpoint, plot, time.perf_counter() - t_run)
+        self.log(self._summary_text(summary))
+        return summary
+
+    def _summary(self, interrupted: bool, checkpoint: Path | None, plot: Path, wall: float) -> dict[str, Any]:
+        evals = [r for r in self.state["history"] if "eval_step" in r]
+        train = [r for r in self.state["history"] if "eval_step" not in r]
+        return {
+            "run_dir": str(self.run_dir),
+            "steps": int(self.state.get("step", 0)),
+            "interrupted": interrupted,
+            "checkpoint": str(checkpoint) if checkpoint else None,
+            "plot": str(plot),
+            "eval_before": evals[0] if evals else None,
+            "eval_after": evals[-1] if len(evals) > 1 else None,
+            "skipped_steps": self.state["skipped_steps"],
+            "verifier_timeouts": self.state["verifier_timeouts"],
+            "mean_reward": sum(r["reward"] for r in train) / len(train) if train else None,
+            "wall_time_s": wall,
+            "peak_memory_mb": peak_memory_mb(self.device),
+        }
+
+    @staticmethod
+    def _summary_text(s: dict[str, Any]) -> str:
+        lines = [f"run directory: {s['run_dir']}  ({s['steps']} steps, {s['wall_time_s']:.0f} s this session, "
+                 f"peak memory {s['peak_memory_mb']:.0f} MB)"]
+        if s["interrupted"]:
+            lines.append(f"interrupted; resume with: sgsd-fast train --resume {s['checkpoint']}")
+        before, after = s["eval_before"], s["eval_after"]
+        for key in ("eval/accuracy", "eval/avg_at_k", "eval/format_rate"):
+            if before and key in before:
+                tail = f" -> {after[key]:.3f} (step {after['eval_step']})" if after and key in after else ""
+                lines.append(f"{key:<18} {before[key]:.3f} (step {before['eval_step']}){tail}")
+        lines.append(f"skipped steps: {s['skipped_steps']}, verifier timeouts: {s['verifier_timeouts']}, "
+                     f"plot: {s['plot']}")
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        self.metrics.close()
+        if self.bank is not None:
+            self.bank.close()
+        if self._owns_verifier:
+            self.verifier.close()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

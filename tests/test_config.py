@@ -1,0 +1,128 @@
+"""TrainConfig: defaults, YAML + command-line precedence, coercion, and errors that name the field."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sgsd_fast.config import ConfigError, TrainConfig, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_valid_and_every_field_has_help():
+    cfg = TrainConfig()
+    assert cfg.method == "sgsd" and cfg.model == "smollm2"
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata.get("help"), f"field {f.name} has no help string"
+
+
+def test_cli_overrides_yaml_and_yaml_overrides_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"max_steps": 7, "learning_rate": 3e-4, "use_peft": True, "top_k": 5}))
+    cfg = parse_config(["--config", str(path), "--max_steps", "9", "--use_peft", "false", "--builtin_levels", "1,3",
+                        "--eval_max_new_tokens", "none", "--student_thinking", "true"])
+    assert cfg.max_steps == 9  # CLI wins
+    assert cfg.learning_rate == 3e-4 and cfg.top_k == 5  # from YAML
+    assert cfg.use_peft is False
+    assert cfg.builtin_levels == [1, 3]
+    assert cfg.eval_max_new_tokens is None
+    assert cfg.student_thinking is True
+    assert cfg.prompts_per_step == TrainConfig().prompts_per_step  # default untouched
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = parse_config(["--method", "opsd", "--teacher_weights", "frozen", "--opsd_entry_clip", "none"])
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    assert TrainConfig.from_yaml(path) == cfg
+
+
+@pytest.mark.parametrize(
+    "argv, field",
+    [
+        (["--max_steps", "0"], "max_steps"),
+        (["--learning_rate", "-1"], "learning_rate"),
+        (["--top_p", "1.5"], "top_p"),
+        (["--method", "grpo"], "method"),
+        (["--teacher_weights", "copy"], "teacher_weights"),
+        (["--ema_decay", "1.0"], "ema_decay"),
+        (["--use_peft", "maybe"], "use_peft"),
+        (["--num_teachers", "two"], "num_teachers"),
+        (["--max_new_tokens", "1.5"], "max_new_tokens"),
+        (["--prompts_per_step", "none"], "prompts_per_step"),
+        (["--skill_bank", "missing_bank.json"], "skill_bank"),
+        (["--dataset", "missing.parquet"], "dataset"),
+        (["--builtin_levels", ""], "builtin_levels"),
+    ],
+)
+def test_bad_values_name_the_field(argv, field):
+    with pytest.raises(ConfigError, match=repr(field)):
+        parse_config(argv)
+
+
+def test_unknown_yaml_key_suggests_the_field(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rat: 0.1\n")
+    with pytest.raises(ConfigError, match="did you mean 'learning_rate'"):
+        parse_config(["--config", str(path)])
+
+
+def test_wrong_yaml_type_and_non_mapping(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("max_steps: [1, 2]\n")
+    with pytest.raises(ConfigError, match="'max_steps'"):
+        parse_config(["--config", str(path)])
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        parse_config(["--config", str(path)])
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_config(["--config", str(tmp_path / "nope.yaml")])
+
+
+def test_python_construction_is_type_checked():
+    with pytest.raises(ConfigError, match="'max_steps'"):
+        TrainConfig(max_steps="10")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="'use_peft'"):
+        TrainConfig(use_peft=1)  # type: ignore[arg-type]
+
+
+def test_unknown_cli_option_is_an_error():
+    with pytest.raises(ConfigError, match="--lr"):
+        parse_config(["--lr", "1"])
+
+
+def test_paper_config_matches_spec(tmp_path):
+    data = tmp_path / "dapo.parquet"
+    data.write_bytes(b"")  # only its existence is validated here
+    cfg = parse_config(["--config", str(REPO / "configs" / "paper_qwen3_1p7b.yaml"), "--dataset", str(data)])
+    assert cfg.model == "Qwen/Qwen3-1.7B"
+    assert (cfg.use_peft, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules) == (True, 64, 128, "all-linear")
+    assert (cfg.learning_rate, cfg.max_grad_norm, cfg.max_steps) == (5e-6, 0.1, 200)
+    assert (cfg.prompts_per_step, cfg.max_new_tokens) == (16, 1024)
+    assert (cfg.temperature, cfg.top_p, cfg.top_k) == (1.1, 0.95, 20)
+    assert (cfg.tau_g, cfg.support_clip, cfg.deadzone, cfg.num_teachers) == (1.0, 3.0, 0.05, 8)
+    assert cfg.online_update_every == 25 and cfg.teacher_weights == "live"
+    assert cfg.student_thinking is False and cfg.teacher_thinking is True
+    # Without the user's dataset the file alone is rejected, naming the field.
+    with pytest.raises(ConfigError, match="'dataset'"):
+        parse_config(["--config", str(REPO / "configs" / "paper_qwen3_1p7b.yaml")])
+
+
+def test_train_cli_help_and_errors(capsys):
+    from sgsd_fast.train.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    assert "--num_teachers" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["--max_steps", "-3"])
+    assert exc.value.code == 2
+    assert "'max_steps'" in capsys.readouterr().err
+
+
+def test_shipped_default_yaml_equals_the_embedded_defaults():
+    assert TrainConfig.from_yaml(REPO / "configs" / "default.yaml") == TrainConfig()
