@@ -153,6 +153,9 @@ class TrainConfig:
     eval_max_new_tokens: int | None = _f(None, "Completion length for evaluation (none = max_new_tokens).")
     verifier_workers: int = _f(2, "Processes verifying answers.")
     verifier_timeout_s: float = _f(5.0, "Per-answer verification timeout; a timeout counts as reward 0.")
+    answer_phrase: bool = _f(True, "Also read an 'answer is ...' phrase when a completion has no \\boxed{} or "
+                             "'Answer:' line. On for the embedded SmolLM2 job (that model never writes a box); "
+                             "SPEC §5 is strict, so turn it off for real reasoning runs (the paper config does).")
 
     # ---- output ------------------------------------------------------------------------------
     output_dir: str | None = _f(None, "Run directory (none = runs/<timestamp>).")

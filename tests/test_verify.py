@@ -66,6 +66,21 @@ def _crashing_check(pred: str, gold: str) -> bool:
     ],
 )
 def test_extract_answer(text, expected):
+    assert extract_answer(text, answer_phrase=True) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("The final answer is: 2", None),
+        ("So, the answer is 42.\n\nThat was fun.", None),
+        ("Answer: 3\nOn reflection the answer is 4", "3"),
+        ("the answer is 4\nAnswer: x = 2, y = 3", "x = 2, y = 3"),
+        ("\\boxed{8} although the answer is 9", "8"),
+    ],
+)
+def test_extract_answer_is_spec_strict_by_default(text, expected):
+    # SPEC §5: box, then an `Answer:` line; the "answer is" phrase only when asked for.
     assert extract_answer(text) == expected
 
 
@@ -207,3 +222,11 @@ def test_verifier_closed():
     v.close()
     with pytest.raises(RuntimeError, match="closed"):
         v.score(["\\boxed{1}"], ["1"])
+
+
+def test_verifier_answer_phrase_is_opt_in():
+    completions, golds = ["So the answer is 7.", "\\boxed{7}"], ["7", "7"]
+    with Verifier(num_workers=1, timeout_s=10.0) as strict:
+        assert strict.score(completions, golds).rewards == [0.0, 1.0]
+    with Verifier(num_workers=1, timeout_s=10.0, answer_phrase=True) as lenient:
+        assert lenient.score(completions, golds).rewards == [1.0, 1.0]

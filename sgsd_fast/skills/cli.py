@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--limit", type=int, default=None, help="use at most this many problems of a dataset source")
     build.add_argument("--out", required=True, help="bank file to create (or to resume)")
     build.add_argument("--seed", type=int, default=0, help="problem-generation and sampling seed")
+    build.add_argument("--answer-phrase", action="store_true",
+                       help="also accept an 'answer is ...' phrase as the stated answer (for small models that "
+                            "never write \\boxed{}; SPEC §5 is strict without it)")
     build.add_argument("--max-new-tokens", type=int, default=512, help="attempt length (sampled, temperature 1.0)")
     build.add_argument("--extract-max-new-tokens", type=int, default=384, help="extraction reply length (greedy)")
     build.add_argument("--merge-max-new-tokens", type=int, default=1024, help="merge reply length (greedy)")
@@ -201,7 +204,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         model, tokenizer, max_new_tokens=args.max_new_tokens, extract_max_new_tokens=args.extract_max_new_tokens,
         merge_max_new_tokens=args.merge_max_new_tokens, batch_size=args.batch_size, seed=args.seed)
     try:
-        with Verifier() as verifier:
+        with Verifier(answer_phrase=args.answer_phrase) as verifier:
             summary = build_bank(problems, verify_fn=lambda c, a: verifier.score(c, a).rewards, out_path=args.out,
                                  model_name=args.model, group_size=args.group_size, batch_size=args.batch_size,
                                  progress=not args.no_progress, **fns)

@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     if ns.checkpoint:
         load_model_weights(model, Path(ns.checkpoint) / "model")
     problems = load_eval_problems(cfg)
-    with Verifier(num_workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s) as verifier:
+    with Verifier(num_workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s,
+                  answer_phrase=cfg.answer_phrase) as verifier:
         metrics = evaluate(model, tokenizer, problems, verifier,
                            max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, samples=cfg.eval_samples,
                            temperature=cfg.eval_temperature, top_p=cfg.top_p, top_k=cfg.top_k,

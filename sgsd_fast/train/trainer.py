@@ -147,7 +147,8 @@ class Trainer:
             raise ValueError(f"dataset {cfg.dataset!r} gave no training problems")
 
         self._owns_verifier = verifier is None
-        self.verifier = verifier or Verifier(num_workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s)
+        self.verifier = verifier or Verifier(num_workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s,
+                                               answer_phrase=cfg.answer_phrase)
         self.engine = HFRolloutEngine(model, tokenizer, max_new_tokens=cfg.max_new_tokens,
                                       temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                       batch_size=cfg.generation_batch_size)

@@ -1,10 +1,11 @@
 """Answer extraction and comparison (pure functions; the process pool lives in `pool.py`).
 
 `extract_answer` takes the content of the last complete ``\\boxed{...}`` (nested braces
-balanced), falling back to the last stated answer: an ``Answer: ...`` line or an "answer is ..."
-phrase. The phrase fallback is a deliberate extension of the usual rule: small instruct models
-(SmolLM2-135M) often ignore the box instruction and end with "The final answer is: 11", and a
-verifier that never fires gives the trainer no signal. `answers_match` compares with math-verify
+balanced), falling back to an ``Answer: ...`` line (SPEC §5). With ``answer_phrase=True`` an
+"answer is ..." phrase also counts: an opt-in extension of the SPEC rule for small instruct models
+(SmolLM2-135M) that ignore the box instruction and end with "The final answer is: 11" — a
+verifier that never fires gives the trainer no signal. It is off by default because on real
+reasoning traces a phrase like "the answer is not 5" would be read as an answer. `answers_match` compares with math-verify
 (symbolic/numeric equivalence) and accepts a normalized string match as well.
 """
 
@@ -39,14 +40,14 @@ def _braced(text: str, open_index: int) -> str | None:
     return None
 
 
-def extract_answer(text: str) -> str | None:
+def extract_answer(text: str, *, answer_phrase: bool = False) -> str | None:
     """The final answer stated in a completion, or None when it states none.
 
     The last non-empty ``\\boxed{...}`` whose braces close wins (a box cut off by truncation, or
     an empty one such as a restated format instruction, is skipped). Without one, the last stated
-    answer is used: a line ``Answer: ...`` (whole line) or a phrase "... answer is ..." (up to the
-    end of its clause), whichever comes last; surrounding ``$``/``**`` and a trailing period are
-    removed.
+    answer is used: a line ``Answer: ...`` (whole line) or, with ``answer_phrase=True``, a phrase
+    "... answer is ..." (up to the end of its clause), whichever comes last; surrounding
+    ``$``/``**`` and a trailing period are removed.
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
@@ -54,7 +55,8 @@ def extract_answer(text: str) -> str | None:
         content = _braced(text, match.end() - 1)
         if content is not None and content.strip():
             return content.strip()
-    lines, phrases = list(_ANSWER_LINE.finditer(text)), list(_ANSWER_PHRASE.finditer(text))
+    lines = list(_ANSWER_LINE.finditer(text))
+    phrases = list(_ANSWER_PHRASE.finditer(text)) if answer_phrase else []
     line = lines[-1] if lines else None
     phrase = phrases[-1] if phrases else None
     if line is None and phrase is None:

@@ -117,11 +117,14 @@ class Verifier:
         timeout_s: per-item limit, measured from when the item reaches a ready worker.
         check: ``check(pred, gold) -> bool`` run in the workers; must be picklable (a module-level
             function). Defaults to `answers_match`; tests inject slow or crashing checks here.
+        answer_phrase: also accept an "answer is ..." phrase when there is no box or
+            ``Answer:`` line (see `extract_answer`; off by default, as in SPEC §5).
 
     Use as a context manager or call `close()` to stop the workers.
     """
 
-    def __init__(self, num_workers: int = 2, timeout_s: float = 5.0, *, check: Check = answers_match) -> None:
+    def __init__(self, num_workers: int = 2, timeout_s: float = 5.0, *, check: Check = answers_match,
+                 answer_phrase: bool = False) -> None:
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
             raise ValueError(f"num_workers must be an int >= 1, got {num_workers!r}")
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
@@ -131,6 +134,7 @@ class Verifier:
         self.num_workers = num_workers
         self.timeout_s = float(timeout_s)
         self._check = check
+        self.answer_phrase = bool(answer_phrase)
         self._context = mp.get_context("spawn")
         self._workers: list[_Worker] = []
         self._closed = False
@@ -168,7 +172,7 @@ class Verifier:
                 if not isinstance(value, str):
                     raise TypeError(f"{name}[{i}] must be a str, got {type(value).__name__}")
 
-        extracted = [extract_answer(text) for text in completions]
+        extracted = [extract_answer(text, answer_phrase=self.answer_phrase) for text in completions]
         result = VerifyResult(rewards=[0.0] * len(completions), extracted=extracted)
         pending = deque((i, pred, answers[i]) for i, pred in enumerate(extracted) if pred is not None)
         if pending:
