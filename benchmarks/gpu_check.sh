@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# GPU check, on a CUDA machine with no network, in under 8 minutes:
+#   1. install the package from this checkout without network (builds the C++/CUDA extension);
+#   2. run the CUDA tests (pytest -m cuda, plus the Triton test files);
+#   3. `sgsd-fast bench --preset gpu`: linear_logprobs fwd+bwd (ours, naive, cut-cross-entropy when
+#      importable), teacher log-probs and the SGSD loss at K=8, linear_divergence JSD at K=1 (+ liger)
+#      and K=4, at N=16384, H=2048, V=151936 in bf16: ms, peak MiB, % of the bf16 GEMM floor;
+#   4. `sgsd-fast bench --preset gpu-e2e`: a Qwen3-1.7B-shaped SGSD step, ours vs naive, and the
+#      longest rollout that fits 24 GiB.
+# Everything lands in $OUT (default: gpu-check-out/): gpu_check.md (all tables), gpu.json,
+# gpu-e2e.json, gpu.png and gpu_check.log. Each stage has its own time limit and a failed stage
+# does not stop the later ones; the exit status is non-zero if any stage failed.
+#
+# SGSD_BENCH_DRYRUN=1 runs the same code paths on a CPU at tiny shapes (no install, tests only
+# collected), to check this script without a GPU.
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+OUT="${OUT:-gpu-check-out}"
+PY="${PYTHON:-python3}"
+DRYRUN="${SGSD_BENCH_DRYRUN:-0}"
+mkdir -p "$OUT"
+rm -f "$OUT"/gpu.json "$OUT"/gpu.md "$OUT"/gpu.png "$OUT"/gpu-e2e.json "$OUT"/gpu-e2e.md  # no stale results
+LOG="$OUT/gpu_check.log"
+: > "$LOG"
+failed=()
+export PYTHONUNBUFFERED=1
+
+stage() {  # stage NAME SECONDS CMD...: run CMD with a time limit, log it, remember failures
+    local name="$1" limit="$2"
+    shift 2
+    echo "== $name (limit ${limit}s): $*" | tee -a "$LOG"
+    local start=$SECONDS
+    timeout "$limit" "$@" >> "$LOG" 2>&1
+    local rc=$?
+    echo "== $name: exit $rc after $((SECONDS - start))s" | tee -a "$LOG"
+    [ "$rc" -eq 0 ] || failed+=("$name (exit $rc)")
+}
+
+cuda_tests() {  # pytest's exit 5 means no test was selected: not a failure here
+    local files
+    files=$(ls tests/test_*triton*.py tests/test_*cuda*.py 2>/dev/null | tr '\n' ' ')
+    "$PY" -m pytest -q -p no:cacheprovider "$@" -m cuda tests
+    local rc=$?
+    [ "$rc" -eq 5 ] && rc=0
+    if [ -n "$files" ]; then
+        # shellcheck disable=SC2086  # the file list is meant to split
+        "$PY" -m pytest -q -p no:cacheprovider "$@" $files || rc=1
+    fi
+    return "$rc"
+}
+export -f cuda_tests  # `timeout` runs programs, not functions: stages call it through bash -c
+export PY
+
+if [ "$DRYRUN" = "1" ]; then
+    echo "SGSD_BENCH_DRYRUN=1: no install, tests collected only, GPU presets at tiny CPU shapes" | tee -a "$LOG"
+    stage "cuda tests (collect only)" 120 bash -c 'cuda_tests "$@"' _ --collect-only
+else
+    "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')" || exit 2
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$LOG" 2>&1
+    stage "install (no network)" 100 "$PY" -m pip install --no-index --no-build-isolation --no-deps -e .
+    stage "cuda tests" 80 bash -c 'cuda_tests "$@"' _ -x
+fi
+
+for preset_limit in gpu:120 gpu-e2e:170; do
+    preset="${preset_limit%%:*}"
+    stage "bench $preset" "${preset_limit##*:}" "$PY" -m sgsd_fast.cli bench --preset "$preset" --out "$OUT"
+    # A preset stopped by its limit leaves a checkpointed JSON of the cases it finished: tabulate those.
+    if [ ! -f "$OUT/$preset.md" ] && [ -f "$OUT/$preset.json" ]; then
+        "$PY" -m sgsd_fast.cli bench --render "$OUT/$preset.json" --out "$OUT" >> "$LOG" 2>&1
+    fi
+done
+
+{
+    echo "# GPU check"
+    echo
+    [ "$DRYRUN" = "1" ] && echo "**Dry run (SGSD_BENCH_DRYRUN=1): tiny CPU shapes, not GPU numbers.**" && echo
+    for md in "$OUT/gpu.md" "$OUT/gpu-e2e.md"; do
+        [ -f "$md" ] && cat "$md" && echo
+    done
+    echo "## Stages"
+    grep '^== .*: exit' "$LOG"
+} > "$OUT/gpu_check.md"
+rm -f "$OUT/gpu.md" "$OUT/gpu-e2e.md"  # folded into gpu_check.md: fewer files to carry back
+
+if [ "${#failed[@]}" -gt 0 ]; then
+    printf 'FAILED: %s\n' "${failed[@]}" | tee -a "$OUT/gpu_check.md"
+    exit 1
+fi
+echo "all stages passed; results in $OUT/gpu_check.md"
