@@ -20,3 +20,17 @@ def smollm2():
     model, tokenizer = load_model_and_tokenizer("smollm2", dtype="float32", device="cpu")
     model.eval()
     return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch intra-op thread for the requesting test module, restored afterwards.
+
+    Tests with tiny shapes or short decodes are latency-bound: on a 2-core machine shared with
+    other jobs, OpenMP barrier waits on a descheduled peer made them 8-100x slower with 2 threads.
+    Modules that exercise the parallel paths on purpose do not request it.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

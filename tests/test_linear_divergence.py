@@ -119,14 +119,7 @@ def check_precision(backend, dtype, *, kind, beta, entry_clip, temperature, k, s
             assert bool(((a.double() - t).abs() <= bound).all()), f"{name}: max err {err:.3e} (scale {scale:.3e})"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny shapes: on a shared, oversubscribed CI box, fanning each small GEMM out to a thread pool
-    # costs ~100x the work itself.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 KINDS = [("fkl", 0.5), ("rkl", 0.5), ("jsd", 0.3), ("jsd", 0.5)]

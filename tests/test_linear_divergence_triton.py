@@ -11,9 +11,11 @@ from sgsd_fast.ops.linear_divergence import linear_divergence
 from sgsd_fast.ops.triton import divergence
 from test_linear_divergence import F64, check_precision, loss_and_grads, make_case, ours, reference_f64
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-    reason="needs CUDA or TRITON_INTERPRET=1")
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                       reason="needs CUDA or TRITON_INTERPRET=1"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -21,10 +23,6 @@ def _small_tiles(monkeypatch):
     # 16-wide vocabulary tiles: every row sweep crosses several tiles and ends on a ragged one, which
     # exercises the online max/sum merge and the tail masks at interpreter-friendly sizes.
     monkeypatch.setattr(divergence, "_MAX_BLOCK", 16)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("kind,beta,k,entry_clip,reduction,temperature", [

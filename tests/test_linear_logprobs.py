@@ -27,15 +27,7 @@ UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16
 SMALL_WORKSPACE = 4096
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The CI machine has 2 shared cores: with 2 OpenMP threads each of the hundreds of tiny GEMMs
-    # here waits on a barrier with a descheduled peer (~50 ms each). Parallel paths are covered by
-    # test_parallel_matches_single_thread and the memory test, which run with the default threads.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_inputs(n, h, v, dtype, *, logit_std=5.0, offset=40.0, ignore_every=0, seed=0):
@@ -326,8 +318,12 @@ def test_parallel_matches_single_thread():
     hidden, weight, targets = make_inputs(96, 32, 1000, torch.float32, ignore_every=7)
     grad = torch.randn(96)
     single = run_with_grads(hidden, weight, targets, grad, backend="cpu")
+    before = torch.get_num_threads()
     torch.set_num_threads(2)
-    parallel = run_with_grads(hidden, weight, targets, grad, backend="cpu")
+    try:
+        parallel = run_with_grads(hidden, weight, targets, grad, backend="cpu")
+    finally:
+        torch.set_num_threads(before)
     for x, y in zip(single[:3], parallel[:3]):
         assert torch.equal(x, y)
     # The GEMMs may block differently across thread counts: gradients agree to rounding.

@@ -13,7 +13,9 @@ import torch
 from sgsd_fast.ops.linear_logprobs import _triton_chunk_rows, linear_logprobs
 from sgsd_fast.ops.reference import linear_logprobs_reference
 from sgsd_fast.ops.triton import logprobs as kernels
-from test_linear_logprobs import _one_thread, assert_cce_bound, check_accuracy, error_bounds, make_inputs  # noqa: F401
+from test_linear_logprobs import assert_cce_bound, check_accuracy, error_bounds, make_inputs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # 40 rows x 200 vocab: 16-row backward chunks (3 chunks, the last ragged) from a 12.8 kB budget.
 N, H, V = 40, 40, 200

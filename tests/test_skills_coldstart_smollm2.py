@@ -11,16 +11,6 @@ from sgsd_fast.skills import SkillBank, build_bank
 from sgsd_fast.skills.cli import load_build_problems, main
 
 
-@pytest.fixture()
-def one_thread():
-    # Decoding 4 short sequences is latency-bound: on shared cores, OpenMP barrier stalls make two
-    # threads several times slower than one (measured 8x on a loaded 2-core box).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _never(*_args):
     raise AssertionError("a finished build must not call the model or the verifier again")
 

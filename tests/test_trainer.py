@@ -40,14 +40,7 @@ def verifier():
         yield v
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny shapes: a second intra-op thread only adds synchronization, and on a loaded 2-core
-    # machine OpenMP spin-waiting makes it 10x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,15 +22,6 @@ class NoAnswerVerifier:
         return VerifyResult(rewards=[0.0] * len(completions), extracted=extracted)
 
 
-@pytest.fixture()
-def one_thread():
-    # A handful of tokens per step: one thread avoids OpenMP spin-waiting when the 2 cores are shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.slow
 def test_one_sgsd_step_on_smollm2(smollm2, tmp_path, monkeypatch, one_thread):
     model, tokenizer = smollm2

@@ -12,12 +12,7 @@ from sgsd_fast.train.step import StepInputs, build_optimizer, build_scheduler, l
 from sgsd_fast.train.teachers import TeacherPool, TokenMasker
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
