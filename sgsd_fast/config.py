@@ -28,6 +28,7 @@ SCHEDULERS = ("constant", "linear", "cosine")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 RETRIEVAL_MODES = ("similarity", "random")
+ROLLOUT_ENGINES = ("hf", "vllm")
 REPORT_TO = ("auto", "none", "tensorboard")
 
 
@@ -91,6 +92,10 @@ class TrainConfig:
     top_p: float = _f(0.95, "Nucleus sampling threshold of the rollouts (1.0 = off).")
     top_k: int = _f(20, "Top-k sampling of the rollouts (0 = off).")
     generation_batch_size: int = _f(16, "Prompts generated together.")
+    rollout_engine: str = _f("hf", f"Rollout backend, one of {ROLLOUT_ENGINES}: 'hf' (transformers generate, CPU or GPU, "
+                             "tested) or 'vllm' (CUDA with vLLM installed; weights synced before each step; untested "
+                             "in CI).")
+    vllm_gpu_memory_utilization: float = _f(0.3, "Share of GPU memory vLLM may take (rollout_engine='vllm').")
     student_chat_template: bool = _f(True, "Render the student prompt with the tokenizer's chat template.")
     student_thinking: bool | None = _f(None, "Chat-template 'thinking' flag for the student (Qwen3: false); "
                                        "none = the template's default.")
@@ -179,7 +184,8 @@ class TrainConfig:
 
         for name, choices in (("method", METHODS), ("teacher_weights", TEACHER_WEIGHTS), ("optim", OPTIMIZERS),
                               ("lr_scheduler_type", SCHEDULERS), ("dtype", DTYPES), ("device", DEVICES),
-                              ("retrieval", RETRIEVAL_MODES), ("report_to", REPORT_TO)):
+                              ("retrieval", RETRIEVAL_MODES), ("report_to", REPORT_TO),
+                              ("rollout_engine", ROLLOUT_ENGINES)):
             need(getattr(self, name) in choices, name, f"one of {choices}")
         for name in ("prompts_per_step", "max_new_tokens", "generation_batch_size", "num_teachers",
                      "teacher_micro_batch_size", "max_steps", "micro_batch_size", "lora_r", "lora_alpha",
@@ -195,6 +201,8 @@ class TrainConfig:
         for name in ("deadzone", "weight_decay", "max_grad_norm", "adam_epsilon"):
             need(getattr(self, name) >= 0, name, "a number >= 0")
         need(0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
+        need(0 < self.vllm_gpu_memory_utilization < 1, "vllm_gpu_memory_utilization", "a number in (0, 1)")
+        need(self.rollout_engine != "vllm" or self.device != "cpu", "rollout_engine", "'hf' when device is 'cpu'")
         need(0 <= self.ema_decay < 1, "ema_decay", "a number in [0, 1)")
         need(0 <= self.adam_beta1 < 1, "adam_beta1", "a number in [0, 1)")
         need(0 <= self.adam_beta2 < 1, "adam_beta2", "a number in [0, 1)")

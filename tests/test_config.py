@@ -5,6 +5,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from sgsd_fast.config import ConfigError, TrainConfig, parse_config
@@ -126,3 +127,15 @@ def test_train_cli_help_and_errors(capsys):
 
 def test_shipped_default_yaml_equals_the_embedded_defaults():
     assert TrainConfig.from_yaml(REPO / "configs" / "default.yaml") == TrainConfig()
+
+
+def test_vllm_engine_needs_cuda_and_says_how_to_install(monkeypatch):
+    with pytest.raises(ConfigError, match="rollout_engine"):
+        TrainConfig(rollout_engine="vllm", device="cpu").validate()
+    with pytest.raises(ConfigError, match="rollout_engine"):
+        TrainConfig(rollout_engine="sglang").validate()
+    from sgsd_fast.train.rollout_vllm import VLLMRolloutEngine
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            VLLMRolloutEngine("smollm2", None, max_new_tokens=8)

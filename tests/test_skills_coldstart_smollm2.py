@@ -4,7 +4,6 @@ its counts add up. Whether the 135M model writes useful notes is not what is tes
 from __future__ import annotations
 
 import pytest
-import torch
 
 import sgsd_fast.models
 from sgsd_fast.skills import SkillBank, build_bank

@@ -149,9 +149,16 @@ class Trainer:
         self._owns_verifier = verifier is None
         self.verifier = verifier or Verifier(num_workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s,
                                                answer_phrase=cfg.answer_phrase)
-        self.engine = HFRolloutEngine(model, tokenizer, max_new_tokens=cfg.max_new_tokens,
-                                      temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                      batch_size=cfg.generation_batch_size)
+        if cfg.rollout_engine == "vllm":
+            from sgsd_fast.train.rollout_vllm import VLLMRolloutEngine
+
+            self.engine = VLLMRolloutEngine(cfg.model, tokenizer, max_new_tokens=cfg.max_new_tokens,
+                                            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
+        else:
+            self.engine = HFRolloutEngine(model, tokenizer, max_new_tokens=cfg.max_new_tokens,
+                                          temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                          batch_size=cfg.generation_batch_size)
         self.teachers = TeacherPool(model, tokenizer, weights=cfg.teacher_weights, ema_decay=cfg.ema_decay,
                                     micro_batch_size=cfg.teacher_micro_batch_size,
                                     chat_template=cfg.teacher_chat_template, thinking=cfg.teacher_thinking,
@@ -285,6 +292,8 @@ class Trainer:
         prompts = student_prompts(self.tokenizer, [p.question for p in problems],
                                   chat_template=cfg.student_chat_template, thinking=cfg.student_thinking)
         t = time.perf_counter()
+        if hasattr(self.engine, "sync_weights"):  # engines holding their own copy of the weights (vLLM)
+            self.engine.sync_weights(self.model)
         rollouts = self.engine.generate(prompts, seed=cfg.seed + step)
         times["time/generate"] = time.perf_counter() - t
 
