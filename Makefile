@@ -23,9 +23,10 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
 train: $(STAMP)
 	$(BIN)/sgsd-fast train
 
-# pytest exits 5 when it collected no test; make turns every non-zero exit into a failure.
+# "No tests collected" (pytest's exit code 5) must never pass as green.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 bench: $(STAMP)
 	$(BIN)/sgsd-fast bench --preset cpu-small
