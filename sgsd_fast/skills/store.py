@@ -306,21 +306,9 @@ class SkillBank:
         """
         if not isinstance(message, str) or not message.strip():
             raise ValueError("message must be a non-empty string describing the update")
-        with self._lock:
-            if self._in_transaction:
-                raise RuntimeError("SkillBank.transaction cannot be nested")
-            self._in_transaction = True
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                tx = BankTransaction(self)
-                yield tx
-                self._write_version(message)
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            finally:
-                self._in_transaction = False
+        with self._immediate("SkillBank.transaction"):
+            yield BankTransaction(self)
+            self._write_version(message)
 
     def _write_version(self, message: str) -> int:
         items = self._select_items(None, None)
@@ -335,9 +323,15 @@ class SkillBank:
     def state_transaction(self) -> Iterator[sqlite3.Connection]:
         """A raw transaction for package-internal bookkeeping tables (e.g. the cold-start builder's
         resume state). It does not create a bank version; never write ``items`` through it."""
+        with self._immediate("state_transaction") as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def _immediate(self, what: str) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT around the block, ROLLBACK on any exception; not nestable."""
         with self._lock:
             if self._in_transaction:
-                raise RuntimeError("state_transaction cannot be nested in another transaction")
+                raise RuntimeError(f"{what} cannot be nested in another transaction")
             self._in_transaction = True
             self._conn.execute("BEGIN IMMEDIATE")
             try:
