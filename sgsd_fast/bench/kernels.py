@@ -187,20 +187,14 @@ def _sgsd_loss(spec: KernelSpec, impl: str, x: _Inputs, device: torch.device) ->
 
 def _divergence(spec: KernelSpec, impl: str, x: _Inputs, device: torch.device) -> Callable[[], torch.Tensor]:
     beta = 0.5 if spec.kind == "jsd" else 0.0  # GKD convention: beta = 0 is forward KL
-    if impl == "ours":
-        op = _require_op("linear_divergence")
+    if impl in ("ours", "naive"):
+        if impl == "ours":
+            op = _require_op("linear_divergence")
+        else:
+            from sgsd_fast.ops.reference import linear_divergence_reference as op
 
         def run() -> torch.Tensor:
             loss = op(x.hidden, x.weight, x.teacher_hidden, kind=spec.kind, beta=beta)
-            _backward(x, loss)
-            return loss.detach().float()
-
-        return run
-    if impl == "naive":
-        from sgsd_fast.ops.reference import linear_divergence_reference
-
-        def run() -> torch.Tensor:
-            loss = linear_divergence_reference(x.hidden, x.weight, x.teacher_hidden, kind=spec.kind, beta=beta)
             _backward(x, loss)
             return loss.detach().float()
 
