@@ -84,6 +84,29 @@ def test_extract_answer_is_spec_strict_by_default(text, expected):
     assert extract_answer(text) == expected
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\n" * 2000,  # 108 s with the old answer-line regex (cubic: `\\s*` with MULTILINE ate newlines)
+        " \n\t" * 33_334,  # 100k characters of mixed whitespace
+        "Answer:" + "\n" * 100_000,
+        "the answer is" + "\n" * 100_000 + "x",
+        "the answer is 5" + " " * 100_000 + "x",
+        "\\boxed{" * 8_000,  # 56 KB of unclosed boxes: 34 s with the old per-box brace scan
+        "\\boxed{" * 5_000 + "}" * 5_000,
+        ("Answer:" + " " * 50 + "\n") * 2_000,
+    ],
+    ids=["2k-newlines", "100k-whitespace", "answer-then-newlines", "phrase-then-newlines",
+         "phrase-then-spaces", "56k-unclosed-boxes", "nested-boxes", "blank-answer-lines"],
+)
+def test_extract_answer_is_linear_time_on_pathological_text(text):
+    for answer_phrase in (False, True):
+        start = time.perf_counter()
+        extract_answer(text, answer_phrase=answer_phrase)
+        elapsed = time.perf_counter() - start
+        assert elapsed < 0.5, f"extraction took {elapsed:.2f} s on {len(text)} characters"
+
+
 def test_extract_answer_rejects_non_str():
     with pytest.raises(TypeError, match="text"):
         extract_answer(None)
@@ -215,6 +238,29 @@ def test_verifier_counts_crashes_and_exceptions():
             worker.process.join()
         again = v.score(["\\boxed{1}"], ["1"])
         assert again.rewards == [1.0] and (again.timeouts, again.errors) == (0, 0)
+
+
+def test_verifier_extracts_inside_the_timeout(monkeypatch):
+    # The extraction runs in the workers (spawned: they import the real extract_answer), so the
+    # trainer's process never parses a completion itself, however pathological.
+    import sgsd_fast.verify.pool as pool
+
+    def boom(*args, **kwargs):
+        raise AssertionError("extract_answer ran in the main process")
+
+    monkeypatch.setattr(pool, "extract_answer", boom)
+    with Verifier(num_workers=1, timeout_s=10.0) as v:
+        start = time.monotonic()
+        result = v.score(["\n" * 2000, "\\boxed{" * 8000 + "\\boxed{3}", "Answer: 4"], ["1", "3", "4"])
+        assert time.monotonic() - start < 10.0
+    assert result.rewards == [0.0, 1.0, 1.0] and result.extracted == [None, "3", "4"]
+    assert (result.timeouts, result.errors) == (0, 0)
+
+
+def test_verifier_keeps_the_extracted_answer_of_a_hung_check():
+    with Verifier(num_workers=1, timeout_s=1.0, check=_hanging_check) as v:
+        result = v.score(["\\boxed{1}", "\\boxed{2}"], ["hang", "2"])
+    assert result.rewards == [0.0, 1.0] and result.extracted == ["1", "2"] and result.timeouts == 1
 
 
 def test_verifier_closed():

@@ -17,27 +17,39 @@ import threading
 __all__ = ["answers_match", "extract_answer", "normalize_answer"]
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_ANSWER_LINE = re.compile(r"^\s*\**\s*(?:final\s+)?answer\s*\**\s*[:：]\s*\**(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
-_ANSWER_PHRASE = re.compile(r"\banswer\s+is\s*:?\s*\**([^\n]+)", re.IGNORECASE)
-# A phrase's answer ends at the end of its sentence or clause ("is 11, which ..." -> "11").
-_CLAUSE_END = re.compile(r"[.,;](?:\s|$)|\s+(?:which|because|since|as|and|so)\s")
+# Linear time by construction (completions are untrusted: thousands of tokens of whitespace are
+# possible). The leading blanks stay on the line (`[^\S\n]`; `\s*` there let every line start
+# re-scan all following blank lines: cubic), "blanks, stars, blanks" is written as "blanks, then
+# optionally stars and blanks" so two quantifiers never compete for the same characters, and the
+# answer runs to the end of its line (`.+`; the caller strips it) instead of a lazy `.+?` followed
+# by `\s*$`, which re-scans a long blank tail from every position.
+_ANSWER_LINE = re.compile(r"^[^\S\n]*(?:\*+\s*)?(?:final\s+)?answer\s*(?:\*+\s*)?[:：]\s*\**(.+)$",
+                          re.IGNORECASE | re.MULTILINE)
+_ANSWER_PHRASE = re.compile(r"\banswer\s+is\s*(?::\s*)?\**([^\n]+)", re.IGNORECASE)
+# A phrase's answer ends at the end of its sentence or clause ("is 11, which ..." -> "11"). A blank
+# run is tried only from its first character (the lookbehind), which keeps the split linear.
+_CLAUSE_END = re.compile(r"[.,;](?:\s|$)|(?<!\s)\s+(?:which|because|since|as|and|so)\s")
 # math-verify's own limits (signal-based: only usable on the main thread of a process).
 _PARSE_TIMEOUT_S = 5
 _VERIFY_TIMEOUT_S = 5
 
 
-def _braced(text: str, open_index: int) -> str | None:
-    """The content between the `{` at `open_index` and its matching `}`; None if unbalanced."""
-    depth = 0
-    for i in range(open_index, len(text)):
-        char = text[i]
-        if char == "{" and text[i - 1] != "\\":
-            depth += 1
-        elif char == "}" and text[i - 1] != "\\":
-            depth -= 1
-            if depth == 0:
-                return text[open_index + 1 : i]
-    return None
+def _matching_braces(text: str) -> dict[int, int]:
+    """Index of each unescaped `{` -> index of its matching unescaped `}` (unbalanced ones absent).
+
+    One stack pass over the text, so finding the content of every ``\\boxed{`` costs O(len(text))
+    in total; scanning forward from each box instead is quadratic on text full of unclosed boxes.
+    """
+    matches: dict[int, int] = {}
+    open_stack: list[int] = []
+    for i, char in enumerate(text):
+        if char not in "{}" or (i > 0 and text[i - 1] == "\\"):
+            continue
+        if char == "{":
+            open_stack.append(i)
+        elif open_stack:
+            matches[open_stack.pop()] = i
+    return matches
 
 
 def extract_answer(text: str, *, answer_phrase: bool = False) -> str | None:
@@ -51,10 +63,14 @@ def extract_answer(text: str, *, answer_phrase: bool = False) -> str | None:
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
-    for match in reversed(list(_BOXED.finditer(text))):
-        content = _braced(text, match.end() - 1)
-        if content is not None and content.strip():
-            return content.strip()
+    boxes = list(_BOXED.finditer(text))
+    if boxes:
+        closing = _matching_braces(text)
+        for match in reversed(boxes):
+            end = closing.get(match.end() - 1)
+            content = text[match.end() : end].strip() if end is not None else ""
+            if content:
+                return content
     lines = list(_ANSWER_LINE.finditer(text))
     phrases = list(_ANSWER_PHRASE.finditer(text)) if answer_phrase else []
     line = lines[-1] if lines else None

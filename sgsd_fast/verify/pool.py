@@ -2,10 +2,11 @@
 
 math-verify can hang on pathological inputs and its own timeouts rely on ``signal.alarm``, which
 only works on a process's main thread. Each check therefore runs on the main thread of a
-separate *spawned* process (forking a process that already runs torch threads is unsafe). A
-check that exceeds `timeout_s` gets its worker killed and replaced; a check that raises, or a
-worker that dies, yields reward 0 and is counted. `Verifier.score` never waits much longer than
-``timeout_s`` past the slowest running check.
+separate *spawned* process (forking a process that already runs torch threads is unsafe). The
+answer extraction runs there too, inside the same timeout: a completion is untrusted text, and no
+amount of it may stall the trainer's process. An item that exceeds `timeout_s` gets its worker
+killed and replaced; a check that raises, or a worker that dies, yields reward 0 and is counted.
+`Verifier.score` never waits much longer than ``timeout_s`` past the slowest running item.
 
 A small purpose-built pool is used instead of `concurrent.futures.ProcessPoolExecutor` because
 the executor cannot kill a single hung worker: killing one breaks the whole executor and every
@@ -41,8 +42,9 @@ class VerifyResult:
     """Outcome of one `Verifier.score` call.
 
     rewards: 1.0 / 0.0 per completion. extracted: the extracted answer (None when the completion
-    states none). timeouts / errors: checks that exceeded the timeout / raised or crashed their
-    worker (both score 0).
+    states none, or when its item timed out or crashed before the extraction finished).
+    timeouts / errors: items that exceeded the timeout / raised or crashed their worker (both
+    score 0).
     """
 
     rewards: list[float]
@@ -56,8 +58,12 @@ class VerifyResult:
         return sum(self.rewards) / len(self.rewards) if self.rewards else 0.0
 
 
-def _worker_main(conn: Connection, check: Check) -> None:
-    """Worker loop: announce readiness, then answer ``(index, pred, gold)`` requests until None."""
+def _worker_main(conn: Connection, check: Check, answer_phrase: bool) -> None:
+    """Worker loop: announce readiness, then answer ``(index, completion, gold)`` requests until None.
+
+    Each request gets two messages: the extracted answer first (so it is known even when the check
+    then hangs), then the verdict (False without calling `check` when there is no answer).
+    """
     # Import the heavy parser before announcing readiness so no item pays for it.
     import math_verify  # noqa: F401
 
@@ -69,25 +75,27 @@ def _worker_main(conn: Connection, check: Check) -> None:
             # graph takes seconds; the worker holds no state, so skip it.
             conn.close()
             os._exit(0)
-        index, pred, gold = request
+        index, completion, gold = request
         try:
-            conn.send(("ok", index, bool(check(pred, gold))))
+            pred = extract_answer(completion, answer_phrase=answer_phrase)
+            conn.send(("extracted", index, pred))
+            conn.send(("ok", index, pred is not None and bool(check(pred, gold))))
         except Exception as exc:  # any failure of a check is an error outcome, reported back
             conn.send(("error", index, f"{type(exc).__name__}: {exc}"))
 
 
 class _Worker:
-    def __init__(self, context: Any, check: Check) -> None:
+    def __init__(self, context: Any, check: Check, answer_phrase: bool) -> None:
         self.conn, child = context.Pipe(duplex=True)
-        self.process = context.Process(target=_worker_main, args=(child, check), daemon=True)
+        self.process = context.Process(target=_worker_main, args=(child, check, answer_phrase), daemon=True)
         self.process.start()
         child.close()
         self.ready = False
         self.started_at = time.monotonic()
         self.task: tuple[int, float] | None = None  # (item index, deadline)
 
-    def send(self, index: int, pred: str, gold: str, timeout_s: float) -> None:
-        self.conn.send((index, pred, gold))
+    def send(self, index: int, completion: str, gold: str, timeout_s: float) -> None:
+        self.conn.send((index, completion, gold))
         self.task = (index, time.monotonic() + timeout_s)
 
     def kill(self) -> None:
@@ -114,9 +122,11 @@ class Verifier:
 
     Args:
         num_workers: worker processes (started lazily on the first `score`, kept alive after).
-        timeout_s: per-item limit, measured from when the item reaches a ready worker.
-        check: ``check(pred, gold) -> bool`` run in the workers; must be picklable (a module-level
-            function). Defaults to `answers_match`; tests inject slow or crashing checks here.
+        timeout_s: per-item limit (answer extraction plus check), measured from when the item
+            reaches a ready worker.
+        check: ``check(pred, gold) -> bool`` run in the workers on each extracted answer; must be
+            picklable (a module-level function). Defaults to `answers_match`; tests inject slow or
+            crashing checks here.
         answer_phrase: also accept an "answer is ..." phrase when there is no box or
             ``Answer:`` line (see `extract_answer`; off by default, as in SPEC §5).
 
@@ -142,7 +152,7 @@ class Verifier:
     # -- worker management ---------------------------------------------------------------------
 
     def _spawn(self) -> _Worker:
-        return _Worker(self._context, self._check)
+        return _Worker(self._context, self._check, self.answer_phrase)
 
     def _replace(self, worker: _Worker) -> None:
         worker.kill()
@@ -172,9 +182,8 @@ class Verifier:
                 if not isinstance(value, str):
                     raise TypeError(f"{name}[{i}] must be a str, got {type(value).__name__}")
 
-        extracted = [extract_answer(text, answer_phrase=self.answer_phrase) for text in completions]
-        result = VerifyResult(rewards=[0.0] * len(completions), extracted=extracted)
-        pending = deque((i, pred, answers[i]) for i, pred in enumerate(extracted) if pred is not None)
+        result = VerifyResult(rewards=[0.0] * len(completions), extracted=[None] * len(completions))
+        pending = deque(zip(range(len(completions)), completions, answers))
         if pending:
             self._ensure_workers()
             try:
@@ -220,13 +229,18 @@ class Verifier:
             # The worker died. While starting, that means a broken environment, which must not
             # turn into an endless respawn loop; otherwise its item (if any) is an error.
             if not worker.ready:
-                raise RuntimeError("a verifier worker exited while starting (is math-verify importable?)") from None
+                raise RuntimeError("a verifier worker exited while starting (is math-verify importable? A script "
+                                   "that creates a Verifier needs an `if __name__ == '__main__':` guard, "
+                                   "since workers are spawned)") from None
             settled = 0 if worker.task is None else 1
             result.errors += settled
             self._replace(worker)
             return settled
         if kind == "ready":
             worker.ready = True
+            return 0
+        if kind == "extracted":
+            result.extracted[index] = payload
             return 0
         worker.task = None
         if kind == "ok":
