@@ -319,3 +319,15 @@ def test_parse_items_never_raises_and_counts_add_up(reply, cut):
         assert len(result.items) <= 3 and result.failed == (not result.items)
         assert all(set(i) == {"title", "principle", "when_to_apply"} and all(v.strip() for v in i.values())
                    for i in result.items)
+
+
+def test_build_with_no_usable_notes_fails_loudly(tmp_path):
+    def prose(prompts):
+        return ["I cannot think of anything." for _ in prompts]
+
+    path = tmp_path / "empty.db"
+    with pytest.raises(ValueError, match=r"0 skills and 0 mistakes \(10 attempts, 6 successes; 10 extraction"):
+        build_bank(PROBLEMS, FakeModel().generate, verify, extractor_fn=prose, merge_fn=prose, out_path=path,
+                   batch_size=4, progress=False)
+    with SkillBank(path, read_only=True) as bank:
+        assert bank.version == 0 and bank.count() == 0  # no empty version that a trainer could pick up

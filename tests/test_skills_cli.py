@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -69,6 +71,8 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert main(["import", str(bad), str(tmp_path / "b.db")]) == 2
     assert "missing required skill field 'principle'" in capsys.readouterr().err
     bank = tmp_path / "b.db"
+    assert not bank.exists()  # a failed import into a new file leaves no empty bank behind
+    SkillBank(bank).close()
     assert main(["diff", str(bank), "0", "5"]) == 2
     assert "version 5 does not exist" in capsys.readouterr().err
     assert main(["frobnicate"]) == 2
@@ -91,3 +95,80 @@ def test_build_data_sources(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text("\n".join(json.dumps({"problem": f"What is {i} + 1?", "answer": str(i + 1)}) for i in range(4)))
     assert [p.answer for p in load_build_problems(str(path), limit=2)] == ["1", "2"]
+
+
+def _foreign_db(path):
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE notes (x TEXT)")
+    conn.execute("INSERT INTO notes VALUES ('mine')")
+    conn.commit()
+    conn.close()
+    return path
+
+
+def _schema_and_mode(path):
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        return (sorted(r[0] for r in conn.execute("SELECT name FROM sqlite_master")),
+                conn.execute("PRAGMA journal_mode").fetchone()[0])
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("command", [["show"], ["stats"], ["export"], ["diff", "0", "1"]])
+def test_read_only_commands_refuse_a_foreign_database_and_leave_it_untouched(tmp_path, capsys, command):
+    foreign = _foreign_db(tmp_path / "other.db")
+    before = (_schema_and_mode(foreign), foreign.read_bytes())
+    argv = [command[0], str(foreign), *command[1:]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not an sgsd-fast skill bank" in err and str(foreign) in err and len(err.splitlines()) == 1
+    assert (_schema_and_mode(foreign), foreign.read_bytes()) == before  # no tables created, still not WAL
+    assert not Path(f"{foreign}-wal").exists()
+
+
+def test_writing_commands_refuse_a_foreign_database_too(tmp_path, capsys):
+    foreign = _foreign_db(tmp_path / "other.db")
+    before = _schema_and_mode(foreign)
+    assert main(["import", str(starter_bank_path()), str(foreign)]) == 2
+    assert "not an sgsd-fast skill bank" in capsys.readouterr().err
+    assert _schema_and_mode(foreign) == before and foreign.exists()  # an existing file is never deleted
+
+
+def test_read_only_commands_do_not_write_a_real_bank(bank_path, capsys):
+    before = bank_path.read_bytes()
+    for argv in (["show", str(bank_path)], ["stats", str(bank_path)], ["diff", str(bank_path), "1", "2"]):
+        assert main(argv) == 0
+    assert bank_path.read_bytes() == before
+    with SkillBank(bank_path, read_only=True) as bank, pytest.raises(RuntimeError, match="read-only"):
+        with bank.transaction("nope"):
+            pass
+
+
+@pytest.mark.parametrize(("content", "fragment"), [
+    (b"this is not a database" * 50, "file is not a database"),
+    (b"SQLite format 3\x00" + b"\x00" * 84, "cannot be read"),
+])
+def test_corrupt_bank_files_are_named(tmp_path, capsys, content, fragment):
+    path = tmp_path / "broken.db"
+    path.write_bytes(content)
+    assert main(["stats", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and str(path) in err
+
+
+def test_truncated_bank_is_named(bank_path, tmp_path, capsys):
+    cut = tmp_path / "cut.db"
+    SkillBank(bank_path).backup(cut)
+    cut.write_bytes(cut.read_bytes()[:1500])
+    assert main(["show", str(cut)]) == 2
+    assert str(cut) in capsys.readouterr().err
+
+
+def test_failed_import_of_undecodable_json_leaves_no_file(tmp_path, capsys):
+    source = tmp_path / "latin1.json"
+    source.write_bytes('{"skills": [{"title": "caf\xe9"}]}'.encode("latin-1"))
+    assert main(["import", str(source), str(tmp_path / "new.db")]) == 2
+    err = capsys.readouterr().err
+    assert "not valid JSON ('utf-8' codec" in err and str(source) in err
+    assert list(tmp_path.iterdir()) == [source]

@@ -286,6 +286,12 @@ def _merge_and_store(bank, n_problems, merge_fn, render_fn, model_name, group_si
 
     attempts = count("SELECT COUNT(*) FROM build_attempts")
     successes = count("SELECT COUNT(*) FROM build_attempts WHERE reward > 0")
+    if not merged["skill"] and not merged["mistake"]:
+        # A bank without a single note gives a trainer no teacher at all; say so now, not at step 1.
+        unparsable = count("SELECT COALESCE(SUM(failed), 0) FROM build_extractions")
+        raise ValueError(f"the cold start produced 0 skills and 0 mistakes ({attempts} attempts, {successes} "
+                         f"successes; {unparsable} extraction replies had no usable JSON item): no bank version "
+                         f"written; the attempts and raw replies stay in {str(bank.path)!r} for inspection")
     with bank.transaction(f"cold start: {attempts} attempts, {successes} successes") as tx:
         for kind in ("skill", "mistake"):
             for note in merged[kind]:

@@ -9,10 +9,11 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from .items import FIELDS, SkillItem
-from .store import SkillBank, kind_counts
+from .store import SkillBank, kind_counts, remove_bank_files
 
 _PROG = "sgsd-fast skills"
 
@@ -84,7 +85,7 @@ def _print_item(item: SkillItem) -> None:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    with SkillBank(args.bank, create=False) as bank:
+    with SkillBank(args.bank, read_only=True) as bank:
         items = bank.items(args.kind, origin=args.origin, version=args.version)
     if args.json:
         print(json.dumps([{"kind": item.kind, **item.to_record()} for item in items], indent=2, ensure_ascii=False))
@@ -96,7 +97,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    with SkillBank(args.bank, create=False) as bank:
+    with SkillBank(args.bank, read_only=True) as bank:
         items, versions, version = bank.items(), bank.versions(), bank.version
     print(f"bank: {args.bank}")
     print(f"version: {version}")
@@ -111,7 +112,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    with SkillBank(args.bank, create=False) as bank:
+    with SkillBank(args.bank, read_only=True) as bank:
         data = bank.export_json(args.out, version=args.version)
     if args.out is None:
         print(json.dumps(data, indent=2, ensure_ascii=False))
@@ -121,8 +122,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    with SkillBank(args.bank) as bank:
-        report = bank.import_json(args.source, default_origin=args.origin, replace=args.replace)
+    new_file = not Path(args.bank).exists()
+    try:
+        with SkillBank(args.bank) as bank:
+            report = bank.import_json(args.source, default_origin=args.origin, replace=args.replace)
+    except BaseException:
+        if new_file:  # an empty bank left behind would look like a successful, empty import
+            remove_bank_files(args.bank)
+        raise
     print(f"imported {report.added} items into {args.bank} (version {report.version})")
     for item_id, reason in report.skipped:
         print(f"skipped {item_id}: {reason}")
@@ -130,7 +137,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
-    with SkillBank(args.bank, create=False) as bank:
+    with SkillBank(args.bank, read_only=True) as bank:
         d = bank.diff(args.v1, args.v2)
     for item in d.added:
         print(f"+ [{item.kind}] {item.id}: {_headline(item)}")

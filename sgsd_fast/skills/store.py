@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import sqlite3
@@ -70,6 +71,25 @@ CREATE TABLE IF NOT EXISTS versions (
     snapshot TEXT NOT NULL
 );
 """
+
+
+@functools.cache
+def _schema_columns() -> dict[str, frozenset[str]]:
+    """Columns of every bank table, read from `_SCHEMA` itself so the check cannot drift from it."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.executescript(_SCHEMA)
+        tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                  if not row[0].startswith("sqlite_")]
+        return {t: frozenset(row[1] for row in conn.execute(f"PRAGMA table_info({t})")) for t in tables}
+    finally:
+        conn.close()
+
+
+def remove_bank_files(path: str | os.PathLike[str]) -> None:
+    """Delete a bank file and SQLite's companion files (``-wal``, ``-shm``, ``-journal``)."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,34 +185,75 @@ class SkillBank:
 
     Args:
         path: the bank file; created (with parent folders) when absent unless ``create=False``.
-        create: when False, a missing file is a FileNotFoundError (used by read-only commands).
+        create: when False, a missing file is a FileNotFoundError.
+        read_only: open the file with SQLite's ``mode=ro``: nothing in it can be changed (no
+            schema, no journal-mode switch), which is what inspection commands need; implies
+            ``create=False``.
+
+    An existing file must be a bank (its tables, columns and format marker are checked) or the
+    constructor raises ValueError naming it; only a new or empty file gets the schema. So a
+    mistyped path to some other SQLite database is refused, never written into.
 
     The object is safe to share between threads (one lock serializes its connection); several
     processes may open the same file (SQLite locking; readers never block on a writer in WAL).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = True, read_only: bool = False) -> None:
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
         self.path = Path(path)
+        self.read_only = bool(read_only)
         if not self.path.exists():
-            if not create:
+            if read_only or not create:
                 raise FileNotFoundError(f"skill bank {str(self.path)!r} does not exist")
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_dir():
+            raise IsADirectoryError(f"skill bank {str(self.path)!r} is a directory, not a bank file")
         self._lock = threading.RLock()
         self._in_transaction = False
         # isolation_level=None: we issue BEGIN/COMMIT ourselves so one update is exactly one transaction.
-        self._conn = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None, check_same_thread=False)
+        target, uri = (f"{self.path.resolve().as_uri()}?mode=ro", True) if self.read_only else (str(self.path), False)
+        self._conn = sqlite3.connect(target, uri=uri, timeout=60.0, isolation_level=None, check_same_thread=False)
         self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
+        try:
+            self._open()
+        except sqlite3.DatabaseError as err:  # "file is not a database", corruption: SQLite names no file
+            self._conn.close()
+            raise ValueError(f"skill bank {str(self.path)!r} cannot be read: {err}") from err
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _open(self) -> None:
+        """Create the schema in a new (empty) file, check an existing one, then set the pragmas.
+
+        The check comes before any pragma that writes (the WAL switch), so a refused file is left
+        exactly as it was.
+        """
         self._conn.execute("PRAGMA foreign_keys=ON")
-        exists = self._conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
-        if not exists:
+        has_tables = self._conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table'").fetchone()
+        if not has_tables and not self.read_only:
             self._create_schema()
-        fmt = self._conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
-        if fmt is None or fmt[0] != FORMAT_NAME:
-            raise ValueError(f"{str(self.path)!r} is not an sgsd-fast skill bank")
+        self._check_schema()
+        if not self.read_only:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+
+    def _check_schema(self) -> None:
+        where = f"{str(self.path)!r} is not an sgsd-fast skill bank"
+        tables = {row[0] for row in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        for table, columns in _schema_columns().items():
+            if table not in tables:
+                raise ValueError(f"{where} (no {table!r} table)")
+            present = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+            if not columns <= present:
+                raise ValueError(f"{where} (table {table!r} lacks columns {sorted(columns - present)})")
+        meta = {row[0]: row[1] for row in self._conn.execute("SELECT key, value FROM meta")}
+        if meta.get("format") != FORMAT_NAME:
+            raise ValueError(f"{where} (format marker {meta.get('format')!r})")
+        if meta.get("schema_version") != str(SCHEMA_VERSION):
+            raise ValueError(f"skill bank {str(self.path)!r} has schema version {meta.get('schema_version')!r}; "
+                             f"this sgsd-fast reads version {SCHEMA_VERSION}")
 
     def _create_schema(self) -> None:
         # Only for a new file: opening an existing bank must never wait for a writer's lock.
@@ -330,6 +391,8 @@ class SkillBank:
     def _immediate(self, what: str) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE ... COMMIT around the block, ROLLBACK on any exception; not nestable."""
         with self._lock:
+            if self.read_only:
+                raise RuntimeError(f"{what}: skill bank {str(self.path)!r} was opened read-only")
             if self._in_transaction:
                 raise RuntimeError(f"{what} cannot be nested in another transaction")
             self._in_transaction = True
@@ -396,7 +459,7 @@ class SkillBank:
             where = str(source)
             try:
                 data = json.loads(Path(source).read_text(encoding="utf-8"))
-            except json.JSONDecodeError as err:
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 raise ValueError(f"{where}: not valid JSON ({err})") from err
         else:
             raise TypeError(f"source must be a path or a mapping, got {type(source).__name__}")
@@ -437,4 +500,4 @@ def kind_counts(items: list[SkillItem]) -> dict[str, int]:
 
 
 __all__ = ["BankDiff", "BankTransaction", "FORMAT_NAME", "ImportReport", "SkillBank", "VersionInfo",
-           "kind_counts"]
+           "kind_counts", "remove_bank_files"]
