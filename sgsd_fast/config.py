@@ -12,6 +12,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
+import importlib.util
+import math
 import os
 import types
 import typing
@@ -142,6 +145,10 @@ class TrainConfig:
     warmup_steps: int = _f(2, "Linear warmup steps.")
     micro_batch_size: int = _f(8, "Rollouts per student forward/backward (gradient accumulation inside a step).")
     seed: int = _f(0, "Base seed; step s samples its rollouts with seed + s, so resuming is exact.")
+    max_consecutive_skipped_steps: int = _f(3, "Stop the run with an error after this many consecutive steps skipped "
+                                            "for a non-finite loss or gradient (0 = never): by then the weights "
+                                            "are usually ruined (e.g. by a far too large learning_rate), and "
+                                            "nothing more is saved.")
 
     # ---- online self-evolution ---------------------------------------------------------------
     online_update_every: int = _f(0, "Online skill-bank update every N steps (0 = off).")
@@ -175,31 +182,49 @@ class TrainConfig:
 
     # -- validation ----------------------------------------------------------------------------
     def validate(self) -> None:
-        """Raise ConfigError naming the first bad field."""
+        """Raise ConfigError naming the first bad field.
+
+        Everything that can be known without loading a model is checked here (values, names of
+        levels and encoders, installed trackers), so a bad value fails in a second, not after a
+        model download. Paths that must be writable are checked by the trainer before it loads
+        the model (`check_output_dir`): configs are also built freely where nothing is written.
+        """
+        from sgsd_fast.data.tasks import LEVELS
+        from sgsd_fast.skills.encoders import ENCODER_ALIASES, ENCODERS
+
         _check_types(self)
 
         def need(cond: bool, name: str, expected: str) -> None:
             if not cond:
                 raise ConfigError(f"config field {name!r}: expected {expected}, got {getattr(self, name)!r}")
 
+        for name, tp in _field_types().items():  # inf / nan pass every range check below
+            value = getattr(self, name)
+            if _base_type(tp)[0] is float and value is not None:
+                need(math.isfinite(value), name, "a finite number")
+
         for name, choices in (("method", METHODS), ("teacher_weights", TEACHER_WEIGHTS), ("optim", OPTIMIZERS),
                               ("lr_scheduler_type", SCHEDULERS), ("dtype", DTYPES), ("device", DEVICES),
                               ("retrieval", RETRIEVAL_MODES), ("report_to", REPORT_TO),
-                              ("rollout_engine", ROLLOUT_ENGINES)):
+                              ("rollout_engine", ROLLOUT_ENGINES), ("encoder", ENCODERS + tuple(ENCODER_ALIASES))):
             need(getattr(self, name) in choices, name, f"one of {choices}")
+        need(self.report_to != "tensorboard" or importlib.util.find_spec("tensorboard") is not None, "report_to",
+             "'auto' or 'none' ('tensorboard' needs the tensorboard package: pip install tensorboard)")
         for name in ("prompts_per_step", "max_new_tokens", "generation_batch_size", "num_teachers",
                      "teacher_micro_batch_size", "max_steps", "micro_batch_size", "lora_r", "lora_alpha",
                      "num_train_problems", "num_eval_problems", "verifier_workers", "online_max_new", "online_cap",
                      "online_max_new_tokens"):
             need(getattr(self, name) >= 1, name, "an integer >= 1")
         for name in ("warmup_steps", "top_k", "online_update_every", "eval_every", "eval_samples", "save_every",
-                     "log_completions"):
+                     "log_completions", "max_consecutive_skipped_steps"):
             need(getattr(self, name) >= 0, name, "an integer >= 0")
         for name in ("temperature", "eval_temperature", "tau_g", "support_clip", "learning_rate",
                      "logprob_temperature", "verifier_timeout_s"):
             need(getattr(self, name) > 0, name, "a number > 0")
         for name in ("deadzone", "weight_decay", "max_grad_norm", "adam_epsilon"):
             need(getattr(self, name) >= 0, name, "a number >= 0")
+        # An upper bound too: 1e30 passes "> 0" and ruins the weights in the first step.
+        need(self.learning_rate <= 1, "learning_rate", "a number in (0, 1]")
         need(0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
         need(0 < self.vllm_gpu_memory_utilization < 1, "vllm_gpu_memory_utilization", "a number in (0, 1)")
         need(self.rollout_engine != "vllm" or self.device != "cpu", "rollout_engine", "'hf' when device is 'cpu'")
@@ -215,9 +240,11 @@ class TrainConfig:
              "an integer >= 1 or none")
         need(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit",
              "an integer >= 1 or none")
-        need(len(self.builtin_levels) > 0 and all(lv >= 1 for lv in self.builtin_levels), "builtin_levels",
-             "a non-empty list of levels >= 1")
-        need(self.encoder not in ("sentence-transformers", "st") or self.encoder_model is not None, "encoder_model",
+        need(len(self.builtin_levels) > 0 and all(lv in LEVELS for lv in self.builtin_levels)
+             and len(set(self.builtin_levels)) == len(self.builtin_levels), "builtin_levels",
+             f"a non-empty list of distinct levels from {sorted(LEVELS)}")
+        need(ENCODER_ALIASES.get(self.encoder, self.encoder) != "sentence-transformers"
+             or self.encoder_model is not None, "encoder_model",
              "a model path or cached id when encoder='sentence-transformers'")
         need(self.lora_target_modules.strip() != "", "lora_target_modules", "'all-linear' or module names")
         for name in ("dataset", "eval_dataset"):
@@ -245,23 +272,57 @@ class TrainConfig:
                 close = difflib.get_close_matches(str(key), names, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ConfigError(f"unknown config field {key!r}{hint}")
-        hints = typing.get_type_hints(cls)
-        return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+        return cls(**{k: coerce_field(k, v) for k, v in values.items()})
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> TrainConfig:
         return cls.from_dict(read_yaml(path))
 
 
-def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML mapping of config fields; a missing file or a non-mapping is a ConfigError."""
+def read_yaml(path: str | os.PathLike, *, what: str = "--config", allow_empty: bool = True) -> dict[str, Any]:
+    """Read a YAML mapping of config fields. A missing, undecodable or malformed file, a non-mapping,
+    or an empty file unless `allow_empty` (an empty --config overrides nothing; an empty saved
+    config is damage), is a ConfigError naming `what` and the file."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"--config: file {str(p)!r} does not exist")
-    data = yaml.safe_load(p.read_text()) or {}
+        raise ConfigError(f"{what}: file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what}: {str(p)!r} is not UTF-8 text ({err})") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what}: {str(p)!r} is not valid YAML ({' '.join(str(err).split())})") from err
+    if data is None and allow_empty:
+        return {}
+    if data is None:
+        raise ConfigError(f"{what}: {str(p)!r} is empty (expected a mapping of field: value)")
     if not isinstance(data, dict):
-        raise ConfigError(f"--config: {str(p)!r} must hold a mapping of field: value, got {type(data).__name__}")
+        raise ConfigError(f"{what}: {str(p)!r} must hold a mapping of field: value, got {type(data).__name__}")
     return data
+
+
+def check_output_dir(path: str | os.PathLike) -> None:
+    """Create the run directory if needed and prove it writable (a probe file), or raise ConfigError
+    naming it: an unwritable directory would otherwise fail only after the model has loaded."""
+    p = Path(path)
+    probe = p / f".write-test-{os.getpid()}"
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"config field 'output_dir': {str(p)!r} is not a writable directory "
+                          f"({err.strerror or err})") from err
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def coerce_field(name: str, value: Any) -> Any:
+    """A YAML or command-line value converted to the type of config field `name` (ConfigError naming it)."""
+    return _coerce(name, value, _field_types()[name])
 
 
 def _looks_like_file(value: str) -> bool:
@@ -324,7 +385,7 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
 
 def _check_types(cfg: TrainConfig) -> None:
     """Catch wrongly typed values passed from Python (YAML/CLI values are coerced before)."""
-    hints = typing.get_type_hints(type(cfg))
+    hints = _field_types()
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         inner, optional = _base_type(hints[f.name])

@@ -64,6 +64,78 @@ def test_bad_values_name_the_field(argv, field):
         parse_config(argv)
 
 
+@pytest.mark.parametrize(
+    "argv, field, expected",
+    [
+        (["--learning_rate", "inf"], "learning_rate", "a finite number"),
+        (["--learning_rate", "nan"], "learning_rate", "a finite number"),
+        (["--learning_rate", "1e30"], "learning_rate", "a number in (0, 1]"),
+        (["--temperature", "inf"], "temperature", "a finite number"),
+        (["--verifier_timeout_s", "inf"], "verifier_timeout_s", "a finite number"),
+        (["--max_grad_norm", "nan"], "max_grad_norm", "a finite number"),
+        (["--builtin_levels", "99"], "builtin_levels", "a non-empty list of distinct levels from [1, 2, 3, 4, 5]"),
+        (["--builtin_levels", "1,1"], "builtin_levels", "a non-empty list of distinct levels"),
+        (["--encoder", "word2vec"], "encoder", "one of ('tfidf', 'policy', 'sentence-transformers', 'st')"),
+        (["--max_consecutive_skipped_steps", "-1"], "max_consecutive_skipped_steps", "an integer >= 0"),
+    ],
+)
+def test_values_that_used_to_fail_late_are_rejected_up_front(argv, field, expected):
+    with pytest.raises(ConfigError) as info:
+        parse_config(argv)
+    assert f"config field {field!r}: expected {expected}" in str(info.value)
+
+
+def test_report_to_tensorboard_needs_the_package(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a))
+    with pytest.raises(ConfigError, match="'report_to'.*pip install tensorboard"):
+        parse_config(["--report_to", "tensorboard"])
+    assert parse_config(["--report_to", "auto"]).report_to == "auto"  # auto: TensorBoard only when installed
+
+
+def test_st_encoder_alias_is_accepted():
+    assert parse_config(["--encoder", "st", "--encoder_model", "some/model"]).encoder == "st"
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"max_steps: [1, 2\n", "is not valid YAML"),
+        (b"model: caf\xe9\n", "is not UTF-8 text"),
+        (b"method: sgsd\n\tmax_steps: 3\n", "is not valid YAML"),
+    ],
+)
+def test_unreadable_yaml_names_the_file(tmp_path, content, expected):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        parse_config(["--config", str(path)])
+    assert str(info.value).startswith(f"--config: {str(path)!r} {expected}") and "\n" not in str(info.value)
+
+
+def test_empty_yaml_overrides_nothing_but_an_empty_saved_config_is_an_error(tmp_path):
+    from sgsd_fast.config import read_yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text("")
+    assert parse_config(["--config", str(path)]) == TrainConfig()
+    with pytest.raises(ConfigError, match="checkpoint config: .*c.yaml' is empty"):
+        read_yaml(path, what="checkpoint config", allow_empty=False)
+
+
+def test_output_dir_check(tmp_path):
+    from sgsd_fast.config import check_output_dir
+
+    check_output_dir(tmp_path / "new" / "run")
+    assert (tmp_path / "new" / "run").is_dir() and not list((tmp_path / "new" / "run").iterdir())
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="'output_dir': .*file/run' is not a writable directory"):
+        check_output_dir(tmp_path / "file" / "run")
+
+
 def test_unknown_yaml_key_suggests_the_field(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("learning_rat: 0.1\n")

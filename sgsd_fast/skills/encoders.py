@@ -183,6 +183,7 @@ class SentenceTransformerEncoder(Encoder):
 
 
 ENCODERS = ("tfidf", "policy", "sentence-transformers")
+ENCODER_ALIASES = {"st": "sentence-transformers"}
 
 
 def make_encoder(name: str = "tfidf", **kw: Any) -> Encoder:
@@ -194,6 +195,6 @@ def make_encoder(name: str = "tfidf", **kw: Any) -> Encoder:
         return TfidfEncoder()
     if name == "policy":
         return PolicyEncoder(kw.pop("model", None), kw.pop("tokenizer", None), **kw)
-    if name in ("sentence-transformers", "st"):
+    if ENCODER_ALIASES.get(name, name) == "sentence-transformers":
         return SentenceTransformerEncoder(kw.pop("model", None), **kw)
     raise ValueError(f"encoder name must be one of {ENCODERS}, got {name!r}")
