@@ -249,3 +249,23 @@ def test_missing_optional_packages_are_named(tmp_path, monkeypatch):
     parquet.write_bytes(b"PAR1")
     with pytest.raises(ModuleNotFoundError, match="pip install pyarrow"):
         load_problems(str(parquet))
+
+
+def test_undecodable_files_are_named(tmp_path):
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"problem": "caf\xe9", "answer": "1"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin.jsonl: not UTF-8 text"):
+        load_problems(str(latin))
+    broken_list = tmp_path / "list.json"
+    broken_list.write_text('[{"problem": "p", "answer": "1"},', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"list.json: not valid JSON"):
+        load_problems(str(broken_list))
+
+
+def test_local_path_without_a_known_extension_is_called_one(tmp_path, monkeypatch):
+    real_find_spec = loaders_module.importlib.util.find_spec
+    monkeypatch.setattr(loaders_module.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "datasets" else real_find_spec(name, *a))
+    (tmp_path / "good").mkdir()
+    with pytest.raises(ModuleNotFoundError, match=r"good' is a local folder, not a .jsonl/.json/.parquet/.pq file"):
+        load_problems(str(tmp_path / "good"))

@@ -88,9 +88,15 @@ def _records_to_problems(
 
 def _read_json(path: Path) -> list[Any]:
     """JSON Lines, or a JSON file holding one list of records."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc})") from exc
     if path.suffix == ".json" and text.lstrip().startswith("["):
-        return json.loads(text)
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
     records = []
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -113,14 +119,17 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_hf(source: str, split: str) -> Iterable[Mapping[str, Any]]:
+    path = Path(source)
     if importlib.util.find_spec("datasets") is None:
+        # A local path is far more often a mistyped file name than a dataset folder.
+        local = f"{source!r} is a local {'folder' if path.is_dir() else 'file'}, not a "\
+                f"{'/'.join(_JSON_SUFFIXES + _PARQUET_SUFFIXES)} file; " if path.exists() else ""
         raise ModuleNotFoundError(
-            f"loading {source!r} as a Hugging Face dataset needs the `datasets` package: "
+            f"{local}loading {source!r} as a Hugging Face dataset needs the `datasets` package: "
             "`pip install datasets` (or `pip install sgsd-fast[data]`)"
         )
     import datasets
 
-    path = Path(source)
     if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "state.json").is_file()):
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
