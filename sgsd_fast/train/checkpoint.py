@@ -15,7 +15,14 @@ Layout (HF Trainer-like), one folder per saved step::
 
 Everything is written into a hidden temporary folder first and moved into place with
 `os.replace`, so an interruption (Ctrl-C, crash, power loss) leaves either the previous checkpoint
-or the new one, never a half-written folder that `--resume auto` could pick.
+or the new one, never a half-written folder that `--resume auto` could pick. A save that fails
+(a full disk) removes its temporary folder at once; one left by a process that died mid-save is
+removed by `clean_stale_saves` when a run starts.
+
+Resuming checks before anything is loaded: `checkpoint_problem` reads every file's structure
+(JSON, YAML, safetensors headers against the file sizes, the zip directory of the torch files,
+the SQLite header), `--resume auto` falls back to the newest checkpoint that passes, and
+`check_resume` compares the saved config with the current one field by field.
 """
 from __future__ import annotations
 
@@ -26,7 +33,9 @@ import random
 import re
 import shutil
 import sqlite3
-from collections.abc import Iterator
+import struct
+import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +43,31 @@ import numpy as np
 import torch
 from torch import nn
 
+from sgsd_fast.config import ConfigError, TrainConfig, coerce_field, read_yaml
 from sgsd_fast.train.teachers import is_peft_model
 
 _CKPT = re.compile(r"checkpoint-(\d+)")
+# Temporary folders of a save in progress: .checkpoint-<step>.tmp-<pid> (being written) and
+# .checkpoint-<step>.old-<pid> (the replaced checkpoint of the same step, during the swap).
+_SAVE_DIR = re.compile(r"\.checkpoint-(\d+)\.(tmp|old)-(\d+)")
 STATE_FILE = "trainer_state.json"
+_TORCH_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pt")
+
+# Fields a checkpoint's contents depend on: resuming with another value would fail on load
+# (optimizer state, weight shapes) or silently continue a different run (objective, teacher).
+RESUME_LOCKED = ("model", "gguf_file", "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+                 "method", "optim", "teacher_weights")
+# Fields that only say how the run is executed, stored or reported: free to change on resume.
+# Any other changed field is allowed but reported, since the continued run then differs from an
+# uninterrupted one.
+RESUME_FREE = ("max_steps", "output_dir", "progress", "save_every", "save_total_limit", "report_to",
+               "log_completions", "eval_every", "verifier_workers", "device", "attn_implementation",
+               "gradient_checkpointing", "generation_batch_size", "teacher_micro_batch_size", "micro_batch_size",
+               "skill_bank", "vllm_gpu_memory_utilization", "max_consecutive_skipped_steps")
+
+
+class CheckpointSaveError(OSError):
+    """Writing a checkpoint failed; the partial folder is gone and the previous checkpoint is kept."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -57,9 +87,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def copy_sqlite(src: Path, dst: Path) -> None:
     # The backup API copies a consistent snapshot even while the bank's own connection is open.
+    # The copy leaves WAL mode so it is one self-contained file, which a read-only open on resume
+    # reads without creating -wal/-shm files inside the checkpoint folder.
     source, target = sqlite3.connect(src), sqlite3.connect(dst)
     try:
         source.backup(target)
+        target.execute("PRAGMA journal_mode=DELETE")
     finally:
         target.close()
         source.close()
@@ -101,17 +134,50 @@ def _fsync_tree(folder: Path) -> None:
             os.close(fd)
 
 
+def _first_line(err: BaseException) -> str:
+    """An exception as one line (torch's C++ errors span several)."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
 def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module, tokenizer: Any,
                     optimizer: torch.optim.Optimizer, scheduler: Any, trainer_state: dict[str, Any],
                     config_yaml: str, teacher_state: dict[str, torch.Tensor] | None = None,
                     bank_path: str | os.PathLike | None = None, save_total_limit: int | None = None) -> Path:
-    """Write checkpoint-<step> atomically and prune old ones; returns its path."""
+    """Write checkpoint-<step> atomically and prune old ones; returns its path.
+
+    Raises CheckpointSaveError (one line, "disk full?") when any part of the save fails; the
+    temporary folder is removed first, so a full disk is not kept full by the failed attempt.
+    """
     run = Path(run_dir)
     final = run / f"checkpoint-{step}"
     tmp = run / f".checkpoint-{step}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        _write(tmp, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+               trainer_state={**trainer_state, "step": step}, config_yaml=config_yaml,
+               teacher_state=teacher_state, bank_path=bank_path)
+        _publish(tmp, final, run / f".checkpoint-{step}.old-{os.getpid()}")
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(err, Exception):  # Ctrl-C: cleaned up, nothing to explain
+            raise
+        kept = list_checkpoints(run)
+        previous = f"the previous checkpoint {str(kept[-1])!r} is kept" if kept else "no earlier checkpoint exists"
+        raise CheckpointSaveError(f"saving checkpoint {str(final)!r} failed ({_first_line(err)}); disk full? "
+                                  f"The partial save was removed and {previous}") from err
+    if save_total_limit is not None:
+        for stale in list_checkpoints(run)[:-save_total_limit]:
+            shutil.rmtree(stale)
+    return final
+
+
+def _write(tmp: Path, *, model: nn.Module, tokenizer: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+           trainer_state: dict[str, Any], config_yaml: str, teacher_state: dict[str, torch.Tensor] | None,
+           bank_path: str | os.PathLike | None) -> None:
+    """Every file of a checkpoint into `tmp`, the trainer state last, then flushed to disk."""
     with _savable(model):
         model.save_pretrained(tmp / "model", safe_serialization=True)
     tokenizer.save_pretrained(tmp / "model")
@@ -123,19 +189,59 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module, 
     if bank_path is not None:
         copy_sqlite(Path(bank_path), tmp / "skill_bank.db")
     (tmp / "config.yaml").write_text(config_yaml)
-    (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=1, allow_nan=True))
+    (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1, allow_nan=True))
     _fsync_tree(tmp)
-    if final.exists():  # e.g. Ctrl-C right after a periodic save of the same step
-        old = run / f".checkpoint-{step}.old-{os.getpid()}"
-        os.replace(final, old)
+
+
+def _publish(tmp: Path, final: Path, old: Path) -> None:
+    """Move the finished `tmp` to `final`; an existing `final` (e.g. Ctrl-C right after a periodic
+    save of the same step) is swapped out through `old` and put back if the swap fails."""
+    if not final.exists():
         os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
+        return
+    os.replace(final, old)
+    try:
         os.replace(tmp, final)
-    if save_total_limit is not None:
-        for stale in list_checkpoints(run)[:-save_total_limit]:
-            shutil.rmtree(stale)
-    return final
+    except BaseException:
+        os.replace(old, final)
+        raise
+    shutil.rmtree(old)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():  # saves are synchronous: a folder of this process is a leftover
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def clean_stale_saves(run_dir: str | os.PathLike) -> list[str]:
+    """Remove the temporary folders of saves whose process is gone; returns one message per folder.
+
+    A process killed between the two renames of `_publish` leaves the complete previous
+    checkpoint in its ``.old-`` folder and no ``checkpoint-<step>``: that folder is moved back.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        return []
+    messages = []
+    for path in sorted(run.iterdir()):
+        match = _SAVE_DIR.fullmatch(path.name)
+        if match is None or not path.is_dir() or _pid_alive(int(match.group(3))):
+            continue
+        final = run / f"checkpoint-{match.group(1)}"
+        if match.group(2) == "old" and not final.exists() and (path / STATE_FILE).is_file():
+            os.replace(path, final)
+            messages.append(f"restored {str(final)!r} from {path.name}, left by a save that was cut off")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            messages.append(f"removed {str(path)!r}, left by a save that did not finish")
+    return messages
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
@@ -148,9 +254,98 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def resolve_resume(resume: str, output_dir: str | None, runs_root: str | os.PathLike = "runs") -> Path:
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file is unusable (header unreadable, or shorter/longer than it says)."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return "truncated safetensors file (no header)"
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            return "truncated safetensors file (header cut off)"
+        try:
+            header = json.loads(fh.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return "corrupt safetensors header"
+    if not isinstance(header, dict):
+        return "corrupt safetensors header"
+    ends = [entry["data_offsets"][1] for key, entry in header.items()
+            if key != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
+    if 8 + header_len + max(ends, default=0) != size:
+        return f"safetensors file of {size} bytes does not match its header (truncated or padded)"
+    return None
+
+
+def _sqlite_problem(path: Path) -> str | None:
+    """Why a SQLite file is unusable, from its 100-byte header (magic, page size x page count)."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        header = fh.read(100)
+    if len(header) < 100 or not header.startswith(b"SQLite format 3\x00"):
+        return "not an SQLite database"
+    page_size = struct.unpack(">H", header[16:18])[0]
+    page_size = 65536 if page_size == 1 else page_size
+    pages = struct.unpack(">I", header[28:32])[0]
+    if pages and page_size * pages > size:
+        return f"truncated SQLite database ({size} of {page_size * pages} bytes)"
+    return None
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """The first reason a checkpoint folder cannot be resumed ("<file>: <what>"), or None if it can.
+
+    Reads structure only (headers, directories, small files), never the tensors, so checking
+    every checkpoint of a run stays cheap; a file damaged inside its data is still reported by
+    `load_checkpoint`, naming the file.
+    """
+    ckpt = Path(path)
+    state_file = ckpt / STATE_FILE
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            return f"{state_file}: no trainer state (expected a JSON object with an integer 'step')"
+    except FileNotFoundError:
+        return f"{state_file}: missing (an incomplete checkpoint)"
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return f"{state_file}: not valid JSON ({err})"
+    try:
+        read_checkpoint_config(ckpt)
+    except ConfigError as err:
+        return str(err)
+    weights = sorted((ckpt / "model").glob("*.safetensors"))
+    if not weights:
+        return f"{ckpt / 'model'}: no .safetensors weights"
+    extra = [ckpt / "teacher_state.pt"] if (ckpt / "teacher_state.pt").exists() else []
+    for file in weights + [ckpt / name for name in _TORCH_FILES] + extra:
+        if not file.is_file():
+            return f"{file}: missing"
+        if file.suffix == ".safetensors":
+            problem = _safetensors_problem(file)
+        else:  # torch.save writes a zip archive whose directory sits at the end: truncation loses it
+            problem = None if zipfile.is_zipfile(file) else "truncated or not a file written by torch.save"
+        if problem is not None:
+            return f"{file}: {problem}"
+    bank = ckpt / "skill_bank.db"
+    if bank.exists() and (problem := _sqlite_problem(bank)) is not None:
+        return f"{bank}: {problem}"
+    return None
+
+
+def read_checkpoint_config(ckpt: str | os.PathLike) -> dict[str, Any]:
+    """The config mapping saved in a checkpoint folder; ConfigError naming the file otherwise."""
+    return read_yaml(Path(ckpt) / "config.yaml", what="checkpoint config", allow_empty=False)
+
+
+def resolve_resume(resume: str, output_dir: str | None, runs_root: str | os.PathLike = "runs",
+                   log: Callable[[str], None] = print) -> Path:
     """`--resume PATH` (a checkpoint folder or a run folder) or `auto` (latest checkpoint of output_dir, or
-    of the newest run under `runs_root` when no output_dir is given)."""
+    of the newest run under `runs_root` when no output_dir is given, which is said in a message).
+
+    For a run folder (and `auto`) the newest checkpoint that passes `checkpoint_problem` wins;
+    each newer one that does not is reported through `log`. A checkpoint folder named explicitly
+    must itself be usable (ValueError naming the bad file otherwise).
+    """
     if resume == "auto":
         if output_dir is not None:
             run = Path(output_dir)
@@ -159,18 +354,57 @@ def resolve_resume(resume: str, output_dir: str | None, runs_root: str | os.Path
             if not runs:
                 raise FileNotFoundError(f"--resume auto: no run with a checkpoint under {str(runs_root)!r}")
             run = runs[-1]
+            log(f"--resume auto: no output_dir given, continuing the newest run under {str(runs_root)!r}: {run}")
         ckpts = list_checkpoints(run)
         if not ckpts:
             raise FileNotFoundError(f"--resume auto: no complete checkpoint in {str(run)!r}")
-        return ckpts[-1]
-    path = Path(resume)
-    if (path / STATE_FILE).is_file():
-        return path
-    ckpts = list_checkpoints(path)
-    if not ckpts:
-        raise FileNotFoundError(f"--resume: {resume!r} is neither a checkpoint folder (with {STATE_FILE}) "
-                                f"nor a run folder containing checkpoint-<step> folders")
-    return ckpts[-1]
+    else:
+        path = Path(resume)
+        if (path / STATE_FILE).is_file():
+            problem = checkpoint_problem(path)
+            if problem is not None:
+                raise ValueError(f"--resume: checkpoint {resume!r} is unusable: {problem}")
+            return path
+        ckpts = list_checkpoints(path)
+        if not ckpts:
+            raise FileNotFoundError(f"--resume: {resume!r} is neither a checkpoint folder (with {STATE_FILE}) "
+                                    f"nor a run folder containing checkpoint-<step> folders")
+    problems = []
+    for ckpt in reversed(ckpts):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            if problems:
+                log(f"--resume: {ckpt.name} is the newest usable checkpoint; skipped: {'; '.join(problems)}")
+            return ckpt
+        problems.append(f"{ckpt.name} ({problem})")
+    raise ValueError(f"--resume: no usable checkpoint in {str(ckpts[0].parent)!r}: {'; '.join(problems)}")
+
+
+def check_resume(ckpt: str | os.PathLike, cfg: TrainConfig) -> list[str]:
+    """Check that the run described by `cfg` can continue from checkpoint `ckpt`, before any model
+    is built; returns notices about changed fields that are allowed but alter the run.
+
+    Raises ValueError when a file of the checkpoint is unusable, and ConfigError naming every
+    `RESUME_LOCKED` field whose value differs from the one the checkpoint was trained with.
+    """
+    problem = checkpoint_problem(ckpt)
+    if problem is not None:
+        raise ValueError(f"--resume: checkpoint {str(ckpt)!r} is unusable: {problem}")
+    saved = read_checkpoint_config(ckpt)
+    changed = []
+    for name, value in cfg.to_dict().items():
+        if name in RESUME_FREE or name not in saved:
+            continue
+        before = coerce_field(name, saved[name])
+        if before != value:
+            changed.append((name, before, value))
+    locked = [f"{name} {old!r} -> {new!r}" for name, old, new in changed if name in RESUME_LOCKED]
+    if locked:
+        raise ConfigError(f"--resume: checkpoint {str(ckpt)!r} was trained with different settings that must "
+                          f"match to continue it: {', '.join(locked)} (start a new run in another output_dir to "
+                          "change them)")
+    return [f"--resume: continuing with changed {name} {old!r} -> {new!r}; the result will differ from an "
+            "uninterrupted run" for name, old, new in changed]
 
 
 def _read_safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:
@@ -208,16 +442,28 @@ def load_model_weights(model: nn.Module, folder: str | os.PathLike) -> None:
                          f"unexpected {result.unexpected_keys[:3]}")
 
 
+def _load_file(file: Path, load: Callable[[Path], Any]) -> Any:
+    """`load(file)`, with any failure naming the file: damaged data surfaces as whatever the
+    deserializer raises (UnpicklingError, SafetensorError, EOFError, ...), a state that does not fit
+    the model or optimizer as KeyError/RuntimeError, so no narrower list would be complete."""
+    try:
+        return load(file)
+    except Exception as err:
+        raise ValueError(f"checkpoint file {str(file)!r} cannot be loaded: {_first_line(err)}") from err
+
+
 def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
     """Restore model, optimizer, scheduler and RNG states; return (trainer_state, teacher_state or None)."""
     ckpt = Path(path)
-    load_model_weights(model, ckpt / "model")
+    _load_file(ckpt / "model", lambda f: load_model_weights(model, f))
     device = next(model.parameters()).device
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=False))
-    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
-    set_rng_state(torch.load(ckpt / "rng_state.pt", weights_only=False))
+    _load_file(ckpt / "optimizer.pt", lambda f: optimizer.load_state_dict(
+        torch.load(f, map_location=device, weights_only=False)))
+    _load_file(ckpt / "scheduler.pt", lambda f: scheduler.load_state_dict(torch.load(f, weights_only=False)))
+    _load_file(ckpt / "rng_state.pt", lambda f: set_rng_state(torch.load(f, weights_only=False)))
     teacher = None
     if (ckpt / "teacher_state.pt").is_file():
-        teacher = torch.load(ckpt / "teacher_state.pt", map_location=device, weights_only=True)
+        teacher = _load_file(ckpt / "teacher_state.pt",
+                             lambda f: torch.load(f, map_location=device, weights_only=True))
     return json.loads((ckpt / STATE_FILE).read_text()), teacher

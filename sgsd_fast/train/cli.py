@@ -10,11 +10,10 @@ Precedence: field defaults < the resumed checkpoint's config < --config YAML < c
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-import yaml
-
-from sgsd_fast.config import ConfigError, add_config_arguments, config_from_args, read_yaml
+from sgsd_fast.config import add_config_arguments, config_from_args, read_yaml
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,20 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    from sgsd_fast.train.checkpoint import resolve_resume
+    from sgsd_fast.train.checkpoint import read_checkpoint_config, resolve_resume
 
     try:
         checkpoint = base = None
         if ns.resume:
             output_dir = getattr(ns, "output_dir", None) or (read_yaml(ns.config).get("output_dir")
                                                              if ns.config else None)
-            checkpoint = resolve_resume(ns.resume, output_dir)
-            base = yaml.safe_load((checkpoint / "config.yaml").read_text())
+            checkpoint = resolve_resume(ns.resume, output_dir, log=lambda line: print(line, file=sys.stderr))
+            base = read_checkpoint_config(checkpoint)
             base["output_dir"] = output_dir or str(checkpoint.parent)
             if (checkpoint / "skill_bank.db").is_file():  # the bank as it was at that step, not the source
                 base["skill_bank"] = str(checkpoint / "skill_bank.db")
         cfg = config_from_args(ns, base)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # ConfigError is a ValueError
         parser.error(str(exc))  # exits with status 2 and the usage line
     from sgsd_fast.train.trainer import Trainer
 

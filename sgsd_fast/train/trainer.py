@@ -33,12 +33,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from sgsd_fast.config import TrainConfig
+from sgsd_fast.config import TrainConfig, check_output_dir
 from sgsd_fast.data import Problem, generate_problems, load_problems
 from sgsd_fast.models import LoraSettings, load_model_and_tokenizer
 from sgsd_fast.prompts import render_prompt
 from sgsd_fast.skills import OnlineEvolver, Retriever, SkillBank, make_encoder, starter_bank_path, teacher_messages
-from sgsd_fast.train.checkpoint import copy_sqlite, load_checkpoint, save_checkpoint
+from sgsd_fast.train.checkpoint import check_resume, clean_stale_saves, load_checkpoint, save_checkpoint
 from sgsd_fast.train.evaluate import evaluate, student_prompts
 from sgsd_fast.train.logging import PLOT_FILE, MetricsLogger, plot_curves
 from sgsd_fast.train.rollout import HFRolloutEngine
@@ -48,6 +48,10 @@ from sgsd_fast.train.teachers import (TeacherPool, TokenMasker, answer_condition
 from sgsd_fast.verify import Verifier
 
 BANK_FILE = "skill_bank.db"
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps were skipped for non-finite values; the run stopped without saving."""
 
 
 def default_run_dir() -> Path:
@@ -89,20 +93,24 @@ def build_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
                                     gradient_checkpointing=cfg.gradient_checkpointing, lora=lora, liger=cfg.liger)
 
 
-def prepare_bank(cfg: TrainConfig, run_dir: Path) -> Path:
-    """The run's own working copy of the skill bank (the source is never modified)."""
+def prepare_bank(cfg: TrainConfig, run_dir: Path, source: Path | None = None) -> Path:
+    """The run's own working copy of the skill bank: of `source` (a resumed checkpoint's bank) or of
+    cfg.skill_bank. The source is opened read-only, so it is checked to be a bank and never modified."""
     dst = run_dir / BANK_FILE
     if dst.exists():
         dst.unlink()
-    source = str(starter_bank_path()) if cfg.skill_bank == "starter" else cfg.skill_bank
-    if source.endswith(".db"):
-        copy_sqlite(Path(source), dst)
+    if source is None:
+        source = starter_bank_path() if cfg.skill_bank == "starter" else Path(cfg.skill_bank)
+    if source.suffix == ".db":
+        with SkillBank(source, read_only=True) as bank:
+            bank.backup(dst)
     else:
-        bank = SkillBank(dst)
-        try:
+        with SkillBank(dst) as bank:
             bank.import_json(source)
-        finally:
-            bank.close()
+    with SkillBank(dst, read_only=True) as bank:
+        if bank.count() == 0:
+            raise ValueError(f"skill bank {str(source)!r} holds no skills and no mistakes: every SGSD teacher "
+                             "needs at least one note (see `sgsd-fast skills build`)")
     return dst
 
 
@@ -128,8 +136,26 @@ class Trainer:
             raise ValueError("pass both model and tokenizer, or neither")
         self.cfg = cfg
         self.log = log
+        # Everything that can fail without the model is checked before it loads (seconds, not a
+        # download): the run directory, the checkpoint to resume, the data and the skill bank.
         self.run_dir = Path(run_dir or cfg.output_dir or default_run_dir())
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        check_output_dir(self.run_dir)
+        for message in clean_stale_saves(self.run_dir):
+            log(message)
+        if resume is not None:
+            for message in check_resume(resume, cfg):
+                log(message)
+        self.train_problems = list(train_problems) if train_problems is not None else load_train_problems(cfg)
+        self.eval_problems = list(eval_problems) if eval_problems is not None else load_eval_problems(cfg)
+        if not self.train_problems:
+            raise ValueError(f"config field 'dataset': {cfg.dataset!r} gave no training problems")
+        if not self.eval_problems:  # every run evaluates at its end; finding out then would waste the run
+            raise ValueError(f"config field 'eval_dataset': {cfg.eval_dataset!r} gave no evaluation problems")
+        self.bank_path: Path | None = None
+        if cfg.method == "sgsd":
+            resumed_bank = Path(resume) / BANK_FILE if resume is not None else None
+            self.bank_path = prepare_bank(cfg, self.run_dir, resumed_bank if resumed_bank and
+                                          resumed_bank.is_file() else None)
         self._seed_everything(cfg.seed)
 
         if model is None:
@@ -140,11 +166,6 @@ class Trainer:
             model = get_peft_model(model, lora_settings(cfg).to_peft())
         self.model, self.tokenizer = model.eval(), tokenizer
         self.device = next(model.parameters()).device
-
-        self.train_problems = list(train_problems) if train_problems is not None else load_train_problems(cfg)
-        self.eval_problems = list(eval_problems) if eval_problems is not None else load_eval_problems(cfg)
-        if not self.train_problems:
-            raise ValueError(f"dataset {cfg.dataset!r} gave no training problems")
 
         self._owns_verifier = verifier is None
         self.verifier = verifier or Verifier(num_workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s,
@@ -167,25 +188,15 @@ class Trainer:
         self.optimizer = build_optimizer(model.parameters(), cfg, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg)
 
-        self.bank_path: Path | None = None
         self.bank = self.retriever = self.evolver = None
         self.state: dict[str, Any] = {"history": [], "skipped_steps": 0, "verifier_timeouts": 0,
                                       "online_updates": 0}
-        start_bank = None
-        teacher_state = None
         if resume is not None:
             self.state, teacher_state = load_checkpoint(resume, model=model, optimizer=self.optimizer,
                                                         scheduler=self.scheduler)
             if teacher_state is not None:
                 self.teachers.weights.load_state_dict(teacher_state)
-            if (Path(resume) / BANK_FILE).is_file():
-                start_bank = Path(resume) / BANK_FILE
-        if cfg.method == "sgsd":
-            self.bank_path = self.run_dir / BANK_FILE
-            if start_bank is not None:
-                copy_sqlite(start_bank, self.bank_path)
-            else:
-                prepare_bank(cfg, self.run_dir)
+        if self.bank_path is not None:
             self.bank = SkillBank(self.bank_path)
             encoder_kw = ({"model": model, "tokenizer": tokenizer} if cfg.encoder == "policy" else
                           {"model": cfg.encoder_model} if cfg.encoder_model is not None else {})
@@ -214,11 +225,27 @@ class Trainer:
         torch.manual_seed(seed)
 
     def _truncate_completions(self, step: int) -> None:
-        """On resume, forget logged completions of steps after the checkpoint (they will be redone)."""
+        """On resume, forget logged completions of steps after the checkpoint (they will be redone).
+
+        A line that does not decode (cut short by a kill mid-append or a full disk) is dropped with
+        a warning: it is only a log, and it must never block the resume.
+        """
         path = self.run_dir / "completions.jsonl"
         if path.is_file():
-            keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-            path.write_text("".join(line + "\n" for line in keep))
+            keep, dropped = [], 0
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    row = json.loads(line) if line.strip() else None
+                except json.JSONDecodeError:
+                    row = None
+                if isinstance(row, dict) and isinstance(row.get("step"), int):
+                    if row["step"] <= step:
+                        keep.append(line)
+                elif line.strip():
+                    dropped += 1
+            if dropped:
+                self.log(f"warning: {path}: dropped {dropped} undecodable line(s), left by an interrupted write")
+            path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
 
     def _render_note_prompt(self, messages: list[dict]) -> str:
         """Note-writing prompts use the chat template with the student side's thinking flag."""
@@ -275,6 +302,9 @@ class Trainer:
         return metrics
 
     def _save(self, step: int) -> Path:
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            raise TrainingDiverged(f"the weights hold inf/NaN values at step {step}; not saving them "
+                                   f"(the last checkpoint in {str(self.run_dir)!r} is kept)")
         path = save_checkpoint(self.run_dir, step, model=self.model, tokenizer=self.tokenizer,
                                optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=self.state,
                                config_yaml=self.cfg.to_yaml(), teacher_state=self.teachers.weights.state_dict(),
@@ -395,6 +425,7 @@ class Trainer:
                 self.state["step"] = step + 1
                 self.state["history"].append(row)
                 self.metrics.log(row)
+                self._check_diverged(step + 1)
                 bar.update(1)
                 bar.set_postfix(reward=f"{row['reward']:.2f}", loss=f"{row['loss']:.4f}",
                                 len=f"{row['completion_length/mean']:.0f}", skipped=self.state["skipped_steps"])
@@ -421,6 +452,19 @@ class Trainer:
         summary = self._summary(interrupted, checkpoint, plot, time.perf_counter() - t_run)
         self.log(self._summary_text(summary))
         return summary
+
+    def _check_diverged(self, step: int) -> None:
+        """Stop after `max_consecutive_skipped_steps` skipped steps in a row (counted over the resumed
+        history too): such a run only burns compute, and whatever it saved next would be broken."""
+        limit = self.cfg.max_consecutive_skipped_steps
+        if not limit:
+            return
+        rows = [r for r in self.state["history"] if "eval_step" not in r]
+        if len(rows) >= limit and all(r["skipped"] for r in rows[-limit:]):
+            raise TrainingDiverged(
+                f"stopping at step {step}: the last {limit} steps were all skipped for a non-finite loss or "
+                f"gradient (config field 'max_consecutive_skipped_steps'); lower learning_rate (now "
+                f"{self.cfg.learning_rate:g}) or max_grad_norm; nothing was saved after the last checkpoint")
 
     def _summary(self, interrupted: bool, checkpoint: Path | None, plot: Path, wall: float) -> dict[str, Any]:
         evals = [r for r in self.state["history"] if "eval_step" in r]
