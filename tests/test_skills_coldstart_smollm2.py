@@ -18,12 +18,14 @@ def _never(*_args):
 def test_cold_start_cli_with_smollm2(smollm2, tmp_path, monkeypatch, capsys, one_thread):
     monkeypatch.setattr(sgsd_fast.models, "load_model_and_tokenizer", lambda *args, **kw: smollm2)
     path = tmp_path / "bank.db"
+    # 128 extraction tokens: at 80 every reply was cut off before its first complete JSON item, and a
+    # build with no note at all is an error (an empty bank would fail the trainer at step 1).
     argv = ["build", "--data", "builtin:4", "--out", str(path), "--max-new-tokens", "32",
-            "--extract-max-new-tokens", "80", "--merge-max-new-tokens", "96", "--batch-size", "4", "--no-progress"]
+            "--extract-max-new-tokens", "128", "--merge-max-new-tokens", "96", "--batch-size", "4", "--no-progress"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     with capsys.disabled():
-        print("\ncold-start summary (SmolLM2-135M, builtin:4, 32/80/96 new tokens):\n" + printed)
+        print("\ncold-start summary (SmolLM2-135M, builtin:4, 32/128/96 new tokens):\n" + printed)
     s = {" ".join(line.split()[:-1]): int(line.split()[-1]) for line in printed.strip().splitlines()}
 
     assert s["problems"] == s["attempts"] == 4
