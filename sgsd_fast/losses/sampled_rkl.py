@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from sgsd_fast.losses import _checks as c
+from sgsd_fast.ops import common as c
 
 
 def sampled_token_rkl(
