@@ -15,14 +15,16 @@ import difflib
 import os
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-METHODS = ("sgsd", "opsd", "sampled_rkl")
-TEACHER_WEIGHTS = ("live", "frozen", "ema")
+#: The objectives of `sgsd_fast.train.objectives` (a test keeps the two in step).
+METHODS = ("sgsd", "opsd", "sampled_rkl", "grpo")
+TEACHER_PARAMS = ("live", "frozen", "ema")
 OPTIMIZERS = ("auto", "adamw_8bit", "paged_adamw_8bit", "adamw_torch")
 SCHEDULERS = ("constant", "linear", "cosine")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -30,6 +32,10 @@ DEVICES = ("auto", "cpu", "cuda")
 RETRIEVAL_MODES = ("similarity", "random")
 ROLLOUT_ENGINES = ("hf", "vllm")
 REPORT_TO = ("auto", "none", "tensorboard")
+
+
+#: Old field names still read from YAML files, checkpoints and the command line (with a FutureWarning).
+DEPRECATED_FIELDS = {"teacher_weights": "teacher_params"}
 
 
 class ConfigError(ValueError):
@@ -81,10 +87,14 @@ class TrainConfig:
     # ---- method ------------------------------------------------------------------------------
     method: str = _f("sgsd", f"Objective, one of {METHODS}: 'sgsd' (skill-conditioned gated self-distillation), "
                      "'opsd' (answer-conditioned teacher, full-vocab clipped divergence), 'sampled_rkl' "
-                     "(answer-conditioned teacher, sampled-token reverse KL).")
+                     "(answer-conditioned teacher, sampled-token reverse KL), 'grpo' (group-normalized outcome "
+                     "advantages, no teacher; needs num_generations >= 2).")
 
     # ---- rollouts ----------------------------------------------------------------------------
-    prompts_per_step: int = _f(4, "Problems per optimizer step (one rollout each).")
+    prompts_per_step: int = _f(4, "Problems per optimizer step.")
+    num_generations: int = _f(1, "Rollouts per problem per step (TRL's name); a problem's rollouts are adjacent in "
+                              "the batch and sampled independently, so a step has prompts_per_step * "
+                              "num_generations rollouts. GRPO needs >= 2 (its group baseline).")
     max_new_tokens: int = _f(96, "Maximum completion length; longer rollouts are truncated (and still trained on).")
     temperature: float = _f(0.3, "Sampling temperature of the rollouts (the paper: 1.1 for Qwen3-1.7B). SmolLM2-135M "
                             "sampled at 0.7-1.0 solved ~1% of its rollouts (greedy: 22%), leaving SGSD almost no "
@@ -106,12 +116,12 @@ class TrainConfig:
     num_teachers: int = _f(2, "K: teachers (retrieved skill/mistake pairs) per rollout. The paper uses 8; the CPU "
                            "default uses 2 because every teacher is one more forward pass over the batch with a "
                            "prompt ~3x longer than the student's (at K=4 the teachers took ~45% of a CPU step).")
-    teacher_weights: str = _f("frozen", f"Teacher parameters, one of {TEACHER_WEIGHTS}: current weights without grad "
+    teacher_params: str = _f("frozen", f"Teacher parameters, one of {TEACHER_PARAMS}: current weights without grad "
                               "(the SGSD paper's setting), the initial weights (the OPSD recipe and this default: with "
                               "live teachers and nearly all rollouts failing, the embedded CPU job drifted into "
                               "degenerate text within 25 steps; with LoRA the adapter is disabled, without LoRA a "
                               "full copy is kept), or an exponential moving average.")
-    ema_decay: float = _f(0.99, "EMA decay for teacher_weights='ema'.")
+    ema_decay: float = _f(0.99, "EMA decay for teacher_params='ema'.")
     skill_bank: str = _f("starter", "Skill bank: 'starter' (the bundled static bank), a .json export or a .db bank. "
                          "The run works on its own copy, the source is never modified.")
     retrieval: str = _f("similarity", f"Teacher-context retrieval, one of {RETRIEVAL_MODES}.")
@@ -125,9 +135,12 @@ class TrainConfig:
     tau_g: float = _f(1.0, "SGSD gate temperature tau_g.")
     support_clip: float = _f(3.0, "SGSD clip c of the per-token log-ratio when measuring teacher support.")
     deadzone: float = _f(0.05, "SGSD dead zone epsilon: teachers with |support| <= epsilon are ignored.")
-    logprob_temperature: float = _f(1.0, "Temperature tau_s applied to logits in the SGSD / sampled_rkl log-probs.")
+    logprob_temperature: float = _f(1.0, "Temperature tau_s applied to logits in the SGSD / sampled_rkl / GRPO "
+                                    "log-probs.")
     opsd_beta: float = _f(0.0, "OPSD generalized JSD beta: 0 = forward KL (the recipe), 1 = reverse KL.")
     opsd_entry_clip: float | None = _f(0.05, "OPSD per-vocabulary-entry clip of the divergence summands (none = off).")
+    scale_rewards: bool = _f(True, "GRPO: divide each group's centered rewards by their std (+1e-4); false = Dr. GRPO "
+                             "(mean baseline only).")
 
     # ---- optimization ------------------------------------------------------------------------
     max_steps: int = _f(20, "Optimizer steps (20 keeps the embedded CPU job under 15 minutes on 2 cores).")
@@ -182,12 +195,12 @@ class TrainConfig:
             if not cond:
                 raise ConfigError(f"config field {name!r}: expected {expected}, got {getattr(self, name)!r}")
 
-        for name, choices in (("method", METHODS), ("teacher_weights", TEACHER_WEIGHTS), ("optim", OPTIMIZERS),
+        for name, choices in (("method", METHODS), ("teacher_params", TEACHER_PARAMS), ("optim", OPTIMIZERS),
                               ("lr_scheduler_type", SCHEDULERS), ("dtype", DTYPES), ("device", DEVICES),
                               ("retrieval", RETRIEVAL_MODES), ("report_to", REPORT_TO),
                               ("rollout_engine", ROLLOUT_ENGINES)):
             need(getattr(self, name) in choices, name, f"one of {choices}")
-        for name in ("prompts_per_step", "max_new_tokens", "generation_batch_size", "num_teachers",
+        for name in ("prompts_per_step", "num_generations", "max_new_tokens", "generation_batch_size", "num_teachers",
                      "teacher_micro_batch_size", "max_steps", "micro_batch_size", "lora_r", "lora_alpha",
                      "num_train_problems", "num_eval_problems", "verifier_workers", "online_max_new", "online_cap",
                      "online_max_new_tokens"):
@@ -200,6 +213,8 @@ class TrainConfig:
             need(getattr(self, name) > 0, name, "a number > 0")
         for name in ("deadzone", "weight_decay", "max_grad_norm", "adam_epsilon"):
             need(getattr(self, name) >= 0, name, "a number >= 0")
+        need(self.method != "grpo" or self.num_generations >= 2, "num_generations",
+             "an integer >= 2 with method='grpo' (a group of one has no baseline)")
         need(0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
         need(0 < self.vllm_gpu_memory_utilization < 1, "vllm_gpu_memory_utilization", "a number in (0, 1)")
         need(self.rollout_engine != "vllm" or self.device != "cpu", "rollout_engine", "'hf' when device is 'cpu'")
@@ -238,7 +253,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """Build from a mapping (e.g. parsed YAML); unknown keys are an error that suggests the closest field."""
+        """Build from a mapping (e.g. parsed YAML); unknown keys are an error that suggests the closest field.
+        Deprecated field names (`DEPRECATED_FIELDS`) are renamed, with a FutureWarning."""
+        values = rename_deprecated(values)
         names = [f.name for f in dataclasses.fields(cls)]
         for key in values:
             if key not in names:
@@ -251,6 +268,23 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> TrainConfig:
         return cls.from_dict(read_yaml(path))
+
+
+def rename_deprecated(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with deprecated field names replaced by the current ones (one FutureWarning each).
+
+    FutureWarning, not DeprecationWarning: the people who must act are the ones writing YAML files
+    and command lines, and Python shows FutureWarning to them by default.
+    """
+    out = dict(values)
+    for old, new in DEPRECATED_FIELDS.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise ConfigError(f"config fields {old!r} (deprecated) and {new!r} are both given; keep only {new!r}")
+        warnings.warn(f"config field {old!r} is deprecated; use {new!r}", FutureWarning, stacklevel=3)
+        out[new] = out.pop(old)
+    return out
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -356,15 +390,22 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         group.add_argument(f"--{f.name}", dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
                            help=f"{f.metadata['help']} (default: {default})".replace("%", "%%"))
+    for old, new in DEPRECATED_FIELDS.items():
+        group.add_argument(f"--{old}", dest=old, default=argparse.SUPPRESS, metavar="STR",
+                           help=f"Deprecated alias of --{new}.")
 
 
 def config_from_args(ns: argparse.Namespace, base: dict[str, Any] | None = None) -> TrainConfig:
-    """Merge: dataclass defaults < `base` (e.g. a checkpoint's config) < --config YAML < command-line fields."""
-    values: dict[str, Any] = dict(base or {})
+    """Merge: dataclass defaults < `base` (e.g. a checkpoint's config) < --config YAML < command-line fields.
+
+    Deprecated names are renamed within each source before merging, so a newer source's value wins
+    whichever spelling either source used (an old checkpoint's `teacher_weights` < `--teacher_params`).
+    """
+    values: dict[str, Any] = rename_deprecated(base or {})
     if getattr(ns, "config", None):
-        values.update(read_yaml(ns.config))
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    values.update({k: v for k, v in vars(ns).items() if k in names})
+        values.update(rename_deprecated(read_yaml(ns.config)))
+    names = {f.name for f in dataclasses.fields(TrainConfig)} | set(DEPRECATED_FIELDS)
+    values.update(rename_deprecated({k: v for k, v in vars(ns).items() if k in names}))
     return TrainConfig.from_dict(values)
 
 

@@ -101,6 +101,4 @@ def grpo_loss(student_logp: torch.Tensor, advantages: torch.Tensor,
             (c.nonfinite_flag(student_logp.detach()), "student_logp must be finite everywhere (NaN or inf found)"),
             (c.nonfinite_flag(advantages.detach()), "advantages must be finite (NaN or inf found)"),
         ]
-        values = torch.stack([v.to(dt) for v in list(metrics.values()) + [f for f, _ in checks]]).tolist()
-    c.raise_violations([bool(v) for v in values[len(metrics):]], [msg for _, msg in checks])
-    return loss, dict(zip(metrics, values[: len(metrics)]))
+        return loss, c.read_checked(metrics, checks, dt)

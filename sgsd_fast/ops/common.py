@@ -192,8 +192,14 @@ def nonfinite_flag(t: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(t).all()
 
 
-def raise_violations(flags: list[bool], messages: list[str]) -> None:
-    """Raise ValueError with the first message whose flag is set (flags already on the host)."""
-    for flag, message in zip(flags, messages):
+def read_checked(metrics: dict[str, torch.Tensor], checks: list[tuple[torch.Tensor, str]],
+                 dtype: torch.dtype) -> dict[str, float]:
+    """The 0-dim metric tensors as python floats and the lazy (flag, message) checks, in one host
+    sync; raises ValueError with the message of the first flag that is set."""
+    device = next(iter(metrics.values())).device
+    flat = list(metrics.values()) + [flag for flag, _ in checks]
+    values = torch.stack([v.to(device=device, dtype=dtype) for v in flat]).tolist()
+    for flag, (_, message) in zip(values[len(metrics):], checks):
         if flag:
             raise ValueError(message)
+    return dict(zip(metrics, values[: len(metrics)]))

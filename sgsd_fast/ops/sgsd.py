@@ -109,10 +109,7 @@ def sgsd_gated_loss(
         metrics = _metrics(loss, d, support, row.detach(), polarity, a, mask, rewards, n, clip)
         metrics.update(_check_extra_metrics(extra_metrics, metrics))
         checks = _value_checks(student_logp, teacher_logp, rewards, teacher_weights)
-        flat = list(metrics.values()) + [f for f, _ in checks]
-        values = torch.stack([v.to(device=loss.device, dtype=dt) for v in flat]).tolist()
-    c.raise_violations([bool(v) for v in values[len(metrics):]], [msg for _, msg in checks])
-    return loss, dict(zip(metrics, values[: len(metrics)]))
+        return loss, c.read_checked(metrics, checks, dt)
 
 
 def sgsd_loss(

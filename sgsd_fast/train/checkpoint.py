@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sgsd_fast.train.teachers import is_peft_model
+from sgsd_fast.models import is_peft_model
 
 _CKPT = re.compile(r"checkpoint-(\d+)")
 STATE_FILE = "trainer_state.json"

@@ -12,15 +12,8 @@ from typing import Any
 
 from torch import nn
 
-from sgsd_fast.prompts import render_prompt, student_messages
-from sgsd_fast.train.rollout import HFRolloutEngine
-
-
-def student_prompts(tokenizer: Any, questions: Sequence[str], *, chat_template: bool = True,
-                    thinking: bool | None = None) -> list[str]:
-    """The student side's rendered prompts: the problem and the answer format, nothing else."""
-    return [render_prompt(tokenizer, student_messages(q), chat_template=chat_template, thinking=thinking)
-            for q in questions]
+from sgsd_fast.prompts import student_prompts
+from sgsd_fast.rollout import HFRolloutEngine
 
 
 def evaluate(model: nn.Module, tokenizer: Any, problems: Sequence[Any], verifier: Any, *, max_new_tokens: int,

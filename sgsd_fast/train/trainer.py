@@ -1,15 +1,18 @@
-"""The training loop: rollouts -> verify -> teacher contexts -> teacher scores -> one student update.
+"""The training loop: rollouts -> verify -> the objective's teacher inputs -> one student update.
 
     trainer = Trainer(TrainConfig(...))        # or pass model=, tokenizer=, problems, verifier=
     summary = trainer.train()                   # eval before/after, checkpoints, metrics, plot
 
 One step s (0-based; logged as step s + 1):
   1. take the next `prompts_per_step` problems of a seeded per-epoch shuffle;
-  2. sample one rollout each with seed = seed + s (so a resumed run samples exactly the same);
+  2. sample `num_generations` rollouts of each (adjacent in the batch) with seed = seed + s, so a
+     resumed run samples exactly the same;
   3. verify (process pool with timeouts; a timeout is reward 0 and is counted);
-  4. build the teacher inputs (K retrieved skill/mistake pairs for SGSD, the answer-conditioned
-     prompt for OPSD / sampled RKL) and score the identical completion ids without gradient;
-  5. one student forward/backward per micro-batch, clip, optimizer step (skipped if non-finite);
+  4. `objective.prepare`: the method's teacher inputs without gradient (K retrieved skill/mistake
+     teachers scoring the identical completion ids for SGSD, the answer-conditioned teacher for
+     OPSD / sampled RKL, group advantages for GRPO);
+  5. `update_step`: one student forward/backward per micro-batch through `objective.loss`, clip,
+     optimizer step (skipped if non-finite);
   6. EMA teacher update, online skill-bank evolution, metrics, eval, checkpoint.
 
 Ctrl-C saves a checkpoint and returns cleanly; `resume=` continues from one to the same result
@@ -34,20 +37,20 @@ import torch
 from torch import nn
 
 from sgsd_fast.config import TrainConfig
-from sgsd_fast.data import Problem, generate_problems, load_problems
-from sgsd_fast.models import LoraSettings, load_model_and_tokenizer
-from sgsd_fast.prompts import render_prompt
-from sgsd_fast.skills import OnlineEvolver, Retriever, SkillBank, make_encoder, starter_bank_path, teacher_messages
-from sgsd_fast.train.checkpoint import copy_sqlite, load_checkpoint, save_checkpoint
-from sgsd_fast.train.evaluate import evaluate, student_prompts
-from sgsd_fast.train.logging import PLOT_FILE, MetricsLogger, plot_curves
-from sgsd_fast.train.rollout import HFRolloutEngine
+from sgsd_fast.data import Problem
+from sgsd_fast.models import is_peft_model
+from sgsd_fast.prompts import render_prompt, student_prompts
+from sgsd_fast.rollout import HFRolloutEngine
+from sgsd_fast.skills import OnlineEvolver, SkillBank
+from sgsd_fast.train.batch import TokenMasker
+from sgsd_fast.train.checkpoint import load_checkpoint, save_checkpoint
+from sgsd_fast.train.evaluate import evaluate
+from sgsd_fast.train.metrics import PLOT_FILE, MetricsLogger, plot_curves
+from sgsd_fast.train.objectives import Rollouts, get_objective
+from sgsd_fast.train.setup import (BANK_FILE, build_engine, build_model, build_retriever, build_verifier,
+                                   load_eval_problems, load_train_problems, lora_settings, prepare_bank)
 from sgsd_fast.train.step import StepInputs, build_optimizer, build_scheduler, update_step
-from sgsd_fast.train.teachers import (TeacherPool, TokenMasker, answer_conditioned_messages, is_peft_model,
-                                      retrieve_contexts)
-from sgsd_fast.verify import Verifier
-
-BANK_FILE = "skill_bank.db"
+from sgsd_fast.train.teachers import TeacherPool
 
 
 def default_run_dir() -> Path:
@@ -59,51 +62,6 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def load_train_problems(cfg: TrainConfig) -> list[Problem]:
-    if cfg.dataset == "builtin":
-        return generate_problems(cfg.num_train_problems, seed=cfg.seed, split="train", levels=cfg.builtin_levels)
-    return load_problems(cfg.dataset, problem_field=cfg.problem_field, answer_field=cfg.answer_field,
-                         split=cfg.dataset_split, limit=cfg.dataset_limit)
-
-
-def load_eval_problems(cfg: TrainConfig) -> list[Problem]:
-    if cfg.eval_dataset == "builtin":
-        return generate_problems(cfg.num_eval_problems, seed=cfg.seed, split="eval", levels=cfg.builtin_levels)
-    return load_problems(cfg.eval_dataset, problem_field=cfg.problem_field, answer_field=cfg.answer_field,
-                         split=cfg.eval_split, limit=cfg.num_eval_problems)
-
-
-def lora_settings(cfg: TrainConfig) -> LoraSettings:
-    targets = cfg.lora_target_modules
-    return LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                        target_modules=targets if targets == "all-linear" else
-                        tuple(t.strip() for t in targets.split(",") if t.strip()))
-
-
-def build_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
-    lora = lora_settings(cfg) if cfg.use_peft else None
-    return load_model_and_tokenizer(cfg.model, gguf_file=cfg.gguf_file, dtype=cfg.dtype, device=cfg.device,
-                                    attn_implementation=cfg.attn_implementation,
-                                    gradient_checkpointing=cfg.gradient_checkpointing, lora=lora, liger=cfg.liger)
-
-
-def prepare_bank(cfg: TrainConfig, run_dir: Path) -> Path:
-    """The run's own working copy of the skill bank (the source is never modified)."""
-    dst = run_dir / BANK_FILE
-    if dst.exists():
-        dst.unlink()
-    source = str(starter_bank_path()) if cfg.skill_bank == "starter" else cfg.skill_bank
-    if source.endswith(".db"):
-        copy_sqlite(Path(source), dst)
-    else:
-        bank = SkillBank(dst)
-        try:
-            bank.import_json(source)
-        finally:
-            bank.close()
-    return dst
 
 
 class Trainer:
@@ -147,23 +105,15 @@ class Trainer:
             raise ValueError(f"dataset {cfg.dataset!r} gave no training problems")
 
         self._owns_verifier = verifier is None
-        self.verifier = verifier or Verifier(num_workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s,
-                                               answer_phrase=cfg.answer_phrase)
-        if cfg.rollout_engine == "vllm":
-            from sgsd_fast.train.rollout_vllm import VLLMRolloutEngine
-
-            self.engine = VLLMRolloutEngine(cfg.model, tokenizer, max_new_tokens=cfg.max_new_tokens,
-                                            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
-        else:
-            self.engine = HFRolloutEngine(model, tokenizer, max_new_tokens=cfg.max_new_tokens,
-                                          temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                          batch_size=cfg.generation_batch_size)
-        self.teachers = TeacherPool(model, tokenizer, weights=cfg.teacher_weights, ema_decay=cfg.ema_decay,
+        self.verifier = verifier or build_verifier(cfg)
+        self.engine = build_engine(cfg, model, tokenizer)
+        objective_cls = get_objective(cfg.method)
+        # Only methods with teachers pay for them (a frozen teacher without LoRA is a full model copy).
+        self.teachers = TeacherPool(model, tokenizer, params=cfg.teacher_params, ema_decay=cfg.ema_decay,
                                     micro_batch_size=cfg.teacher_micro_batch_size,
                                     chat_template=cfg.teacher_chat_template, thinking=cfg.teacher_thinking,
-                                    temperature=cfg.logprob_temperature)
-        self.masker = TokenMasker(tokenizer, keep_eos=cfg.method != "sgsd")
+                                    temperature=cfg.logprob_temperature) if objective_cls.needs_teachers else None
+        self.masker = TokenMasker(tokenizer, keep_eos=objective_cls.keep_eos)
         self.optimizer = build_optimizer(model.parameters(), cfg, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg)
 
@@ -172,31 +122,24 @@ class Trainer:
         self.state: dict[str, Any] = {"history": [], "skipped_steps": 0, "verifier_timeouts": 0,
                                       "online_updates": 0}
         start_bank = None
-        teacher_state = None
         if resume is not None:
             self.state, teacher_state = load_checkpoint(resume, model=model, optimizer=self.optimizer,
                                                         scheduler=self.scheduler)
-            if teacher_state is not None:
-                self.teachers.weights.load_state_dict(teacher_state)
+            if teacher_state is not None and self.teachers is not None:
+                self.teachers.params.load_state_dict(teacher_state)
             if (Path(resume) / BANK_FILE).is_file():
                 start_bank = Path(resume) / BANK_FILE
-        if cfg.method == "sgsd":
-            self.bank_path = self.run_dir / BANK_FILE
-            if start_bank is not None:
-                copy_sqlite(start_bank, self.bank_path)
-            else:
-                prepare_bank(cfg, self.run_dir)
+        if objective_cls.uses_skill_bank:
+            self.bank_path = prepare_bank(cfg, self.run_dir, start=start_bank)
             self.bank = SkillBank(self.bank_path)
-            encoder_kw = ({"model": model, "tokenizer": tokenizer} if cfg.encoder == "policy" else
-                          {"model": cfg.encoder_model} if cfg.encoder_model is not None else {})
-            self.retriever = Retriever(self.bank, make_encoder(cfg.encoder, **encoder_kw), k=cfg.num_teachers,
-                                       mode=cfg.retrieval, seed=cfg.seed)
+            self.retriever = build_retriever(cfg, self.bank, model, tokenizer)
             if cfg.online_update_every:
                 self.evolver = OnlineEvolver(self.bank, self._generate_text, every=cfg.online_update_every,
                                              success_threshold=cfg.online_success_threshold,
                                              max_new=cfg.online_max_new, cap=cfg.online_cap,
                                              render_fn=self._render_note_prompt, model_name=cfg.model,
                                              batch_size=cfg.generation_batch_size)
+        self.objective = objective_cls(cfg, teachers=self.teachers, retriever=self.retriever)
         self.metrics = MetricsLogger(self.run_dir, report_to=cfg.report_to)
         if resume is not None:
             self.metrics.rewrite(self.state["history"])  # drop rows logged after the checkpoint
@@ -244,20 +187,6 @@ class Trainer:
             out.append(self.train_problems[self._epoch_orders[epoch][idx % n]])
         return out
 
-    def _teacher_inputs(self, problems: list[Problem], completions: list[list[int]], length: int) -> dict[str, Any]:
-        cfg, pool = self.cfg, self.teachers
-        if cfg.method == "sgsd":
-            contexts, weights = retrieve_contexts(self.retriever, problems, cfg.num_teachers)
-            prompts = [[pool.prompt_ids(teacher_messages(p.question, c)) for c in ctxs]
-                       for p, ctxs in zip(problems, contexts)]
-            return {"teacher_logp": pool.score(prompts, completions, length),
-                    "teacher_weights": weights.to(self.device)}
-        prompts = [pool.prompt_ids(answer_conditioned_messages(p.question, p.answer)) for p in problems]
-        if cfg.method == "sampled_rkl":
-            return {"teacher_logp": pool.score([[p] for p in prompts], completions, length)}
-        hidden, head = pool.hidden(prompts, completions, length)
-        return {"teacher_hidden": hidden, "teacher_head": head}
-
     def _evaluate(self, step: int) -> dict[str, float]:
         cfg = self.cfg
         t0 = time.perf_counter()
@@ -277,7 +206,8 @@ class Trainer:
     def _save(self, step: int) -> Path:
         path = save_checkpoint(self.run_dir, step, model=self.model, tokenizer=self.tokenizer,
                                optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=self.state,
-                               config_yaml=self.cfg.to_yaml(), teacher_state=self.teachers.weights.state_dict(),
+                               config_yaml=self.cfg.to_yaml(),
+                               teacher_state=self.teachers.params.state_dict() if self.teachers else None,
                                bank_path=self.bank_path, save_total_limit=self.cfg.save_total_limit)
         self.state["last_checkpoint"] = str(path)
         return path
@@ -288,12 +218,12 @@ class Trainer:
         """Run step `step` (0-based) and return its metrics row (logged as step + 1)."""
         cfg, times = self.cfg, {}
         t_start = time.perf_counter()
-        problems = self.batch_problems(step)
+        # Each problem's num_generations rollouts are adjacent (a GRPO group); each row samples on its own.
+        problems = [p for p in self.batch_problems(step) for _ in range(cfg.num_generations)]
         prompts = student_prompts(self.tokenizer, [p.question for p in problems],
                                   chat_template=cfg.student_chat_template, thinking=cfg.student_thinking)
         t = time.perf_counter()
-        if hasattr(self.engine, "sync_weights"):  # engines holding their own copy of the weights (vLLM)
-            self.engine.sync_weights(self.model)
+        self.engine.sync_weights(self.model)
         rollouts = self.engine.generate(prompts, seed=cfg.seed + step)
         times["time/generate"] = time.perf_counter() - t
 
@@ -305,18 +235,19 @@ class Trainer:
         completions = [list(c) for c in rollouts.completion_ids]
         length = max(1, max(len(c) for c in completions))
         t = time.perf_counter()
-        teacher = self._teacher_inputs(problems, completions, length)
+        payload = self.objective.prepare(Rollouts(problems=problems, completions=completions, length=length,
+                                                  rewards=rewards))
         times["time/teachers"] = time.perf_counter() - t
 
         mask = self.masker.mask(completions, length).to(self.device)
         inputs = StepInputs(prompt_ids=rollouts.prompt_ids, completion_ids=completions, mask=mask,
-                            rewards=rewards, **teacher)
+                            rewards=rewards, payload=payload)
         t = time.perf_counter()
-        result = update_step(self.model, self.optimizer, self.scheduler, inputs, cfg,
+        result = update_step(self.model, self.optimizer, self.scheduler, self.objective, inputs, cfg,
                              pad_id=self.tokenizer.pad_token_id)
         times["time/update"] = time.perf_counter() - t
-        if not result.skipped:
-            self.teachers.weights.update()
+        if not result.skipped and self.teachers is not None:
+            self.teachers.params.update()
 
         online: dict[str, Any] = {}
         if self.evolver is not None:
@@ -348,7 +279,7 @@ class Trainer:
             "completion_length/max": max(lengths),
             "truncation_rate": sum(rollouts.truncated) / len(rollouts.truncated),
             "mask_tokens": int(mask.sum()),
-            "num_teachers": int(teacher["teacher_logp"].shape[1]) if "teacher_logp" in teacher else 1,
+            "num_teachers": payload.num_teachers,
             **result.metrics,
             **{f"online/{k}": v for k, v in online.items() if isinstance(v, (int, float))},
             **times,

@@ -46,15 +46,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     from sgsd_fast.train.checkpoint import load_model_weights
     from sgsd_fast.train.evaluate import evaluate
-    from sgsd_fast.train.trainer import build_model, load_eval_problems
-    from sgsd_fast.verify import Verifier
+    from sgsd_fast.train.setup import build_model, build_verifier, load_eval_problems
 
     model, tokenizer = build_model(cfg)
     if ns.checkpoint:
         load_model_weights(model, Path(ns.checkpoint) / "model")
     problems = load_eval_problems(cfg)
-    with Verifier(num_workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s,
-                  answer_phrase=cfg.answer_phrase) as verifier:
+    with build_verifier(cfg) as verifier:
         metrics = evaluate(model, tokenizer, problems, verifier,
                            max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, samples=cfg.eval_samples,
                            temperature=cfg.eval_temperature, top_p=cfg.top_p, top_k=cfg.top_k,
