@@ -1,6 +1,7 @@
 """TrainConfig: defaults, YAML + command-line precedence, coercion, and errors that name the field."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from sgsd_fast.config import ConfigError, TrainConfig, parse_config
+from sgsd_fast.config import ConfigError, TrainConfig, config_from_args, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,6 +80,10 @@ def test_deprecated_teacher_weights_alias_warns_and_maps(tmp_path):
         assert parse_config(["--config", str(path), "--teacher_params", "live"]).teacher_params == "live"
     with pytest.raises(ConfigError, match="both given"):
         TrainConfig.from_dict({"teacher_weights": "ema", "teacher_params": "live"})
+    # An old checkpoint's config.yaml is the base of `--resume`: it loads, and the command line still wins.
+    with pytest.warns(FutureWarning):
+        resumed = config_from_args(argparse.Namespace(teacher_params="live"), base={"teacher_weights": "ema"})
+    assert resumed.teacher_params == "live"
     assert "teacher_weights" not in TrainConfig().to_yaml()  # new files use the new name
 
 
