@@ -11,6 +11,7 @@ import sys
 COMMANDS = {
     "train": ("sgsd_fast.train.cli", "Train with SGSD / OPSD / sampled-token RKL (default: embedded SmolLM2 job)."),
     "eval": ("sgsd_fast.train.cli_eval", "Evaluate a model or checkpoint on held-out problems."),
+    "compare": ("sgsd_fast.train.cli_compare", "Train several methods at equal budget; paired accuracy table."),
     "skills": ("sgsd_fast.skills.cli", "Build, inspect, import/export and diff skill banks."),
     "bench": ("sgsd_fast.bench", "Run a benchmark preset: fused kernels vs naive vs peers."),
 }

@@ -1,18 +1,77 @@
 """Student prompt text and chat rendering shared by the student and the teachers.
 
 Both sides must go through `render_prompt` with the same tokenizer template (a mismatch between
-the student's and the teacher's template is a known bug class in self-distillation code).
+the student's and the teacher's template is a known bug class in self-distillation code), and
+with the same `AnswerFormat`: the instruction that ends every prompt and, optionally, few-shot
+example turns placed before the problem.
+
+Two formats:
+
+* ``boxed`` (SPEC §5, the library default and the paper config): "... write the final answer
+  inside \\boxed{}", no examples;
+* ``answer_is`` (the embedded SmolLM2 job): two worked example turns, then "Write the
+  calculation, then end with: The answer is <number>." SmolLM2-135M never writes a box; with the
+  ``boxed`` instruction it solved 10-27 % of level-1 problems (most answers truncated rambling),
+  with this format 54-65 % (48 problems, greedy and T = 0.7), in ~20 tokens. The verifier reads it
+  with ``answer_phrase=True``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ANSWER_FORMAT", "render_prompt", "student_messages"]
+__all__ = ["ANSWER_FORMAT", "ANSWER_FORMATS", "AnswerFormat", "answer_format", "render_prompt", "student_messages"]
 
 # No worked example inside the instruction: small models copy it (with an "e.g. \\boxed{42}",
-# SmolLM2-135M answered 42 to "What is 9 + 5?").
+# SmolLM2-135M answered 42 to "What is 9 + 5?"). Worked examples go in separate turns instead.
 ANSWER_FORMAT = "Work through the problem step by step, then write the final answer on its own inside \\boxed{}."
+
+_ANSWER_IS = "Write the calculation, then end with: The answer is <number>."
+
+
+@dataclass(frozen=True)
+class AnswerFormat:
+    """How every prompt asks for the answer: an instruction ending the user turn, and optional
+    few-shot (question, reply) example turns before it. The examples use numbers and wording of
+    their own (no built-in problem is rendered this way: names and objects differ)."""
+
+    name: str
+    instruction: str
+    examples: tuple[tuple[str, str], ...] = ()
+
+    def example_turns(self) -> list[dict[str, str]]:
+        """The few-shot turns that open every prompt of this format (student and teachers alike)."""
+        turns: list[dict[str, str]] = []
+        for question, reply in self.examples:
+            turns += [{"role": "user", "content": f"{question}\n\n{self.instruction}"},
+                      {"role": "assistant", "content": reply}]
+        return turns
+
+    def messages(self, content: str) -> list[dict[str, str]]:
+        """The example turns, then one user turn: `content` and the instruction."""
+        return self.example_turns() + [{"role": "user", "content": f"{content}\n\n{self.instruction}"}]
+
+
+# The examples' computations (add 6,7 and sub 15,8) belong to the built-in train split, so no
+# eval problem has its answer in the prompt (tests/test_prompts_format.py checks it).
+ANSWER_FORMATS: dict[str, AnswerFormat] = {
+    "boxed": AnswerFormat("boxed", ANSWER_FORMAT),
+    "answer_is": AnswerFormat("answer_is", _ANSWER_IS, examples=(
+        ("Mia has 6 pears and gets 7 more pears. How many pears does Mia have now?",
+         "6 + 7 = 13. The answer is 13."),
+        ("What is 15 - 8?", "15 - 8 = 7. The answer is 7."),
+    )),
+}
+
+
+def answer_format(name: str | AnswerFormat) -> AnswerFormat:
+    """The format named `name` (or `name` itself when it already is one)."""
+    if isinstance(name, AnswerFormat):
+        return name
+    if name not in ANSWER_FORMATS:
+        raise ValueError(f"answer_format must be one of {sorted(ANSWER_FORMATS)}, got {name!r}")
+    return ANSWER_FORMATS[name]
 
 _ROLES = ("system", "user", "assistant")
 
@@ -25,9 +84,9 @@ def _check_question(question: Any) -> str:
     return question.strip()
 
 
-def student_messages(question: str) -> list[dict[str, str]]:
-    """The student's chat: one user turn with the problem and the answer-format instruction."""
-    return [{"role": "user", "content": f"{_check_question(question)}\n\n{ANSWER_FORMAT}"}]
+def student_messages(question: str, fmt: str | AnswerFormat = "boxed") -> list[dict[str, str]]:
+    """The student's chat: the format's example turns, then the problem and its instruction."""
+    return answer_format(fmt).messages(_check_question(question))
 
 
 def _check_messages(messages: Any) -> list[dict[str, str]]:

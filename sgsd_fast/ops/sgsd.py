@@ -44,6 +44,7 @@ def sgsd_loss(
     clip: float = 3.0,
     deadzone: float = 0.05,
     temperature: float = 1.0,
+    outcome_baseline: float | None = None,
     backend: str = "auto",
     extra_metrics: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -55,7 +56,7 @@ def sgsd_loss(
         weight: [V, H] lm_head weight (same dtype as student_hidden).
         targets: [B, T] int64 sampled ids; any value at mask == False positions (padding, prompt).
         teacher_logp: [B, K, T] teacher log-probs of the same ids (e.g. from `teacher_logprobs`).
-        mask, rewards, teacher_weights, tau, clip, deadzone: as in `sgsd_gated_loss`.
+        mask, rewards, teacher_weights, tau, clip, deadzone, outcome_baseline: as in `sgsd_gated_loss`.
         temperature: student logits are divided by it (SPEC §2).
         backend: linear_logprobs backend ("auto", "triton", "cpu", "reference").
         extra_metrics: forwarded to `sgsd_gated_loss` (e.g. a teacher entropy mean).
@@ -98,6 +99,7 @@ def sgsd_loss(
         tau=tau,
         clip=clip,
         deadzone=deadzone,
+        outcome_baseline=outcome_baseline,
         extra_metrics=metrics,
     )
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,6 +27,9 @@ from .encoders import Encoder
 from .items import SkillItem
 from .prompts import teacher_text
 from .store import SkillBank
+
+if TYPE_CHECKING:
+    from sgsd_fast.prompts import AnswerFormat
 
 MODES = ("similarity", "random")
 
@@ -143,15 +147,17 @@ class Retriever:
         ]
 
 
-def teacher_messages(question: str, ctx: TeacherContext) -> list[dict]:
+def teacher_messages(question: str, ctx: TeacherContext, fmt: str | AnswerFormat = "boxed") -> list[dict]:
     """Chat messages for the teacher conditioned on one context (SPEC §4 teacher prompt).
 
-    One user message: the soft-guidance instruction, the skill (title, principle, when to apply),
-    the mistake (what not to do, why, what to do instead), then the problem and
-    `sgsd_fast.prompts.ANSWER_FORMAT` — the student's prompt ends the same way.
+    The answer format's example turns (as in the student's prompt), then one user message: the
+    soft-guidance instruction, the skill (title, principle, when to apply), the mistake (what not
+    to do, why, what to do instead), then the problem and the format's instruction — the
+    student's prompt ends the same way. `fmt`: an `AnswerFormat` or its name.
     """
-    from sgsd_fast.prompts import ANSWER_FORMAT
+    from sgsd_fast.prompts import answer_format
 
+    fmt = answer_format(fmt)
     if not isinstance(question, str):
         raise TypeError(f"question must be a str, got {type(question).__name__}")
     if not isinstance(ctx, TeacherContext):
@@ -162,6 +168,6 @@ def teacher_messages(question: str, ctx: TeacherContext) -> list[dict]:
         question,
         dict(ctx.skill.fields) if ctx.skill is not None else None,
         dict(ctx.mistake.fields) if ctx.mistake is not None else None,
-        ANSWER_FORMAT,
+        fmt.instruction,
     )
-    return [{"role": "user", "content": content}]
+    return fmt.example_turns() + [{"role": "user", "content": content}]

@@ -113,7 +113,8 @@ def _micro_loss(method: str, hidden: torch.Tensor, weight: torch.Tensor, targets
     if method == "sgsd":
         loss, metrics = sgsd_loss(hidden, weight, targets, inp.teacher_logp[sl], mask, inp.rewards[sl],
                                   inp.teacher_weights[sl], tau=cfg.tau_g, clip=cfg.support_clip,
-                                  deadzone=cfg.deadzone, temperature=cfg.logprob_temperature)
+                                  deadzone=cfg.deadzone, temperature=cfg.logprob_temperature,
+                                  outcome_baseline=float(inp.rewards.mean()) if cfg.sgsd_outcome == "centered" else None)
         share = (sl.stop - sl.start) / b
         return loss * share, metrics, share
     valid = int(mask.sum())

@@ -30,7 +30,7 @@ from torch import nn
 
 from sgsd_fast.models import decoder, lm_head_weight
 from sgsd_fast.ops.linear_logprobs import linear_logprobs
-from sgsd_fast.prompts import ANSWER_FORMAT, render_prompt
+from sgsd_fast.prompts import AnswerFormat, answer_format, render_prompt
 
 IGNORE_INDEX = -100
 _NEWLINES_ONLY = re.compile(r"\n{1,8}")
@@ -143,15 +143,15 @@ def forward_hidden(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
 # ---- contexts -------------------------------------------------------------------------------
 
 
-def answer_conditioned_messages(question: str, answer: str) -> list[dict]:
-    """OPSD's privileged prompt: the problem, the reference answer, and the answer format."""
+def answer_conditioned_messages(question: str, answer: str, fmt: str | AnswerFormat = "boxed") -> list[dict]:
+    """OPSD's privileged prompt: the format's example turns, the problem, the reference answer, and
+    the format's instruction."""
     content = (
         f"{question}\n\n"
         f"(For you only: the correct final answer is {answer}. Solve the problem yourself step by step "
-        f"so that your reasoning arrives at it; do not mention that you were told the answer.)\n\n"
-        f"{ANSWER_FORMAT}"
+        f"so that your reasoning arrives at it; do not mention that you were told the answer.)"
     )
-    return [{"role": "user", "content": content}]
+    return answer_format(fmt).messages(content)
 
 
 def retrieve_contexts(retriever: Any, problems: Sequence[Any], k: int) -> tuple[list[list[Any]], torch.Tensor]:
