@@ -32,6 +32,8 @@ DEVICES = ("auto", "cpu", "cuda")
 RETRIEVAL_MODES = ("similarity", "random")
 ROLLOUT_ENGINES = ("hf", "vllm")
 REPORT_TO = ("auto", "none", "tensorboard")
+ANSWER_FORMATS = ("boxed", "answer_is")  # keys of sgsd_fast.prompts.ANSWER_FORMATS
+SGSD_OUTCOMES = ("sign", "centered")
 
 
 #: Old field names still read from YAML files, checkpoints and the command line (with a FutureWarning).
@@ -82,9 +84,17 @@ class TrainConfig:
     builtin_levels: list[int] = _f([1], "Difficulty levels of the built-in task (train and eval); level 1 is the "
                                    "one a 135M model solves part of the time.")
     num_train_problems: int = _f(2000, "Number of built-in training problems to generate.")
-    num_eval_problems: int = _f(40, "Number of held-out problems used by each evaluation.")
+    eval_seed: int = _f(0, "Seed of the built-in held-out problems. Separate from `seed`, so runs with different "
+                        "training seeds are scored on the same problems (paired comparisons).")
+    num_eval_problems: int = _f(200, "Number of held-out problems used by each evaluation. The built-in eval split "
+                                "draws one problem per distinct computation; 200 problems resolve a change of "
+                                "about +-7 points (paired 95% CI), 40 only a collapse.")
 
     # ---- method ------------------------------------------------------------------------------
+    answer_format: str = _f("answer_is", f"How prompts ask for the answer, one of {ANSWER_FORMATS}: 'boxed' (SPEC §5: "
+                            "'... inside \\boxed{{}}', the paper config) or 'answer_is' (two worked example turns, "
+                            "then 'end with: The answer is <number>'; the embedded job: SmolLM2-135M never writes a box "
+                            "and follows this format in ~98% of its answers). Student and teachers use the same one.")
     method: str = _f("sgsd", f"Objective, one of {METHODS}: 'sgsd' (skill-conditioned gated self-distillation), "
                      "'opsd' (answer-conditioned teacher, full-vocab clipped divergence), 'sampled_rkl' "
                      "(answer-conditioned teacher, sampled-token reverse KL), 'grpo' (group-normalized outcome "
@@ -132,6 +142,10 @@ class TrainConfig:
     teacher_micro_batch_size: int = _f(8, "Rollouts per teacher forward pass.")
 
     # ---- loss --------------------------------------------------------------------------------
+    sgsd_outcome: str = _f("sign", f"SGSD outcome sign o, one of {SGSD_OUTCOMES}: 'sign' (the paper: +1 for a "
+                           "success, -1 for a failure) or 'centered' (o = sign(r - mean reward of the step's "
+                           "batch), 0 when equal: a failure is pushed away only when the batch has successes; a "
+                           "variant, see sgsd_fast.losses.sgsd_gated_loss).")
     tau_g: float = _f(1.0, "SGSD gate temperature tau_g.")
     support_clip: float = _f(3.0, "SGSD clip c of the per-token log-ratio when measuring teacher support.")
     deadzone: float = _f(0.05, "SGSD dead zone epsilon: teachers with |support| <= epsilon are ignored.")
@@ -171,6 +185,9 @@ class TrainConfig:
     eval_max_new_tokens: int | None = _f(None, "Completion length for evaluation (none = max_new_tokens).")
     verifier_workers: int = _f(2, "Processes verifying answers.")
     verifier_timeout_s: float = _f(5.0, "Per-answer verification timeout; a timeout counts as reward 0.")
+    reject_repetition: bool = _f(True, "A completion that loops (a line or a 6-word run repeated 3+ times) gets "
+                                 "reward 0 in training and counts as wrong in evaluation: a gain made of loops is "
+                                 "not a gain (see sgsd_fast.verify.repetition).")
     answer_phrase: bool = _f(True, "Also read an 'answer is ...' phrase when a completion has no \\boxed{} or "
                              "'Answer:' line. On for the embedded SmolLM2 job (that model never writes a box); "
                              "SPEC §5 is strict, so turn it off for real reasoning runs (the paper config does).")
@@ -195,7 +212,8 @@ class TrainConfig:
             if not cond:
                 raise ConfigError(f"config field {name!r}: expected {expected}, got {getattr(self, name)!r}")
 
-        for name, choices in (("method", METHODS), ("teacher_params", TEACHER_PARAMS), ("optim", OPTIMIZERS),
+        for name, choices in (("method", METHODS), ("answer_format", ANSWER_FORMATS), ("sgsd_outcome", SGSD_OUTCOMES),
+                              ("teacher_params", TEACHER_PARAMS), ("optim", OPTIMIZERS),
                               ("lr_scheduler_type", SCHEDULERS), ("dtype", DTYPES), ("device", DEVICES),
                               ("retrieval", RETRIEVAL_MODES), ("report_to", REPORT_TO),
                               ("rollout_engine", ROLLOUT_ENGINES)):

@@ -47,6 +47,7 @@ def sgsd_gated_loss(
     tau: float = 1.0,
     clip: float = 3.0,
     deadzone: float = 0.05,
+    outcome_baseline: float | None = None,
     extra_metrics: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """SGSD loss of a batch of B rollouts scored by K teachers, and its step metrics.
@@ -59,6 +60,12 @@ def sgsd_gated_loss(
         teacher_weights: [B, K] float a_k >= 0. A row either sums to 1 (within 1e-3) or is all zero
             (that rollout has no teachers and contributes 0); a zero entry marks an absent teacher.
         tau: gate temperature tau_g > 0. clip: support clip c > 0. deadzone: epsilon >= 0.
+        outcome_baseline: None (the paper: o = +1 if r > 0 else -1) or a finite number b, giving
+            the "centered" variant o = sign(r - b) (0 when r == b). With b = the mean reward of the
+            step's whole batch, a failure counts as a failure only when the batch has successes
+            to contrast it with; with nearly all rollouts failing, the paper's sign turns SGSD into
+            unlikelihood training on the model's own samples (issue 14's step-0 anatomy). Pass
+            the batch mean, not a micro-batch mean, so accumulation stays exact.
         extra_metrics: optional name -> one-element tensor (e.g. an entropy mean), read in the same
             host sync as the built-in metrics and returned with them; names must not clash.
 
@@ -86,6 +93,8 @@ def sgsd_gated_loss(
     tau = c.check_number("tau", tau, minimum=0.0, inclusive=False)
     clip = c.check_number("clip", clip, minimum=0.0, inclusive=False)
     deadzone = c.check_number("deadzone", deadzone, minimum=0.0, inclusive=True)
+    if outcome_baseline is not None:
+        outcome_baseline = c.check_number("outcome_baseline", outcome_baseline, minimum=-math.inf, inclusive=False)
 
     dt = c.math_dtype(student_logp, teacher_logp)
     s = student_logp.to(dt)
@@ -99,7 +108,10 @@ def sgsd_gated_loss(
         d = delta.detach()
         support = (d.clamp(-clip, clip) * m).sum(-1) / n  # [B, K]
         stance = torch.where(support.abs() > deadzone, torch.sign(support), torch.zeros_like(support))
-        outcome = torch.where(rewards.detach() > 0, 1.0, -1.0).to(dt)
+        if outcome_baseline is None:
+            outcome = torch.where(rewards.detach() > 0, 1.0, -1.0).to(dt)
+        else:
+            outcome = torch.sign(rewards.detach().to(dt) - outcome_baseline)
         polarity = outcome[:, None] * stance
     gate = math.log(2.0) - F.softplus(-delta.square() / (2.0 * tau))
     row = (gate * m).sum(-1) / n  # [B, K]
@@ -125,6 +137,7 @@ def sgsd_loss(
     clip: float = 3.0,
     deadzone: float = 0.05,
     temperature: float = 1.0,
+    outcome_baseline: float | None = None,
     backend: str = "auto",
     extra_metrics: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -136,7 +149,7 @@ def sgsd_loss(
         weight: [V, H] lm_head weight (same dtype as student_hidden).
         targets: [B, T] int64 sampled ids; any value at mask == False positions (padding, prompt).
         teacher_logp: [B, K, T] teacher log-probs of the same ids (e.g. from `teacher_logprobs`).
-        mask, rewards, teacher_weights, tau, clip, deadzone: as in `sgsd_gated_loss`.
+        mask, rewards, teacher_weights, tau, clip, deadzone, outcome_baseline: as in `sgsd_gated_loss`.
         temperature: student logits are divided by it (SPEC §2).
         backend: linear_logprobs backend ("auto", "triton", "cpu", "reference").
         extra_metrics: forwarded to `sgsd_gated_loss` (e.g. a teacher entropy mean).
@@ -179,6 +192,7 @@ def sgsd_loss(
         tau=tau,
         clip=clip,
         deadzone=deadzone,
+        outcome_baseline=outcome_baseline,
         extra_metrics=metrics,
     )
 

@@ -45,7 +45,9 @@ def load_train_problems(cfg: TrainConfig) -> list[Problem]:
 
 def load_eval_problems(cfg: TrainConfig) -> list[Problem]:
     if cfg.eval_dataset == "builtin":
-        return generate_problems(cfg.num_eval_problems, seed=cfg.seed, split="eval", levels=cfg.builtin_levels)
+        # One problem per computation: every eval problem is independent evidence.
+        return generate_problems(cfg.num_eval_problems, seed=cfg.eval_seed, split="eval", levels=cfg.builtin_levels,
+                                 distinct_keys=True)
     return load_problems(cfg.eval_dataset, problem_field=cfg.problem_field, answer_field=cfg.answer_field,
                          split=cfg.eval_split, limit=cfg.num_eval_problems)
 

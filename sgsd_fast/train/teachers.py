@@ -27,7 +27,7 @@ from torch import nn
 from sgsd_fast.config import TEACHER_PARAMS
 from sgsd_fast.models import is_peft_model, lm_head_weight
 from sgsd_fast.ops import teacher_logprobs
-from sgsd_fast.prompts import answer_conditioned_messages, render_prompt, skill_conditioned_messages
+from sgsd_fast.prompts import AnswerFormat, answer_conditioned_messages, render_prompt, skill_conditioned_messages
 from sgsd_fast.train.batch import completion_targets, forward_hidden, pack
 
 
@@ -139,12 +139,13 @@ class TeacherPool:
         ema_decay: EMA decay for params="ema".
         micro_batch_size: rollouts per teacher forward.
         chat_template, thinking: the teacher side's own rendering (SPEC §4: Qwen3 thinks as a teacher).
+        fmt: the answer format, the student's own (`sgsd_fast.prompts.AnswerFormat` or its name).
         temperature: tau_s of the teacher log-probs.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, params: str = "live", ema_decay: float = 0.99,
                  micro_batch_size: int = 8, chat_template: bool = True, thinking: bool | None = None,
-                 temperature: float = 1.0) -> None:
+                 temperature: float = 1.0, fmt: str | AnswerFormat = "boxed") -> None:
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         self.tokenizer = tokenizer
@@ -152,6 +153,7 @@ class TeacherPool:
         self.micro_batch_size = micro_batch_size
         self.chat_template, self.thinking = chat_template, thinking
         self.temperature = temperature
+        self.fmt = fmt
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """Token ids of a rendered teacher prompt (the teacher side's own template and thinking flag)."""
@@ -160,11 +162,11 @@ class TeacherPool:
 
     def answer_conditioned(self, problems: Sequence[Any]) -> list[list[int]]:
         """One OPSD teacher prompt per problem: the problem plus its reference answer."""
-        return [self.prompt_ids(answer_conditioned_messages(p.question, p.answer)) for p in problems]
+        return [self.prompt_ids(answer_conditioned_messages(p.question, p.answer, self.fmt)) for p in problems]
 
     def skill_conditioned(self, problems: Sequence[Any], contexts: Sequence[Sequence[Any]]) -> list[list[list[int]]]:
         """K SGSD teacher prompts per problem, one per retrieved (skill, mistake) context."""
-        return [[self.prompt_ids(skill_conditioned_messages(p.question, _fields(c.skill), _fields(c.mistake)))
+        return [[self.prompt_ids(skill_conditioned_messages(p.question, _fields(c.skill), _fields(c.mistake), self.fmt))
                  for c in ctxs] for p, ctxs in zip(problems, contexts)]
 
     @contextlib.contextmanager

@@ -49,8 +49,30 @@ from sgsd_fast.train.metrics import PLOT_FILE, MetricsLogger, plot_curves
 from sgsd_fast.train.objectives import Rollouts, get_objective
 from sgsd_fast.train.setup import (BANK_FILE, build_engine, build_model, build_retriever, build_verifier,
                                    load_eval_problems, load_train_problems, lora_settings, prepare_bank)
+from sgsd_fast.train.stats import paired_comparison
 from sgsd_fast.train.step import StepInputs, build_optimizer, build_scheduler, update_step
 from sgsd_fast.train.teachers import TeacherPool
+from sgsd_fast.verify.repetition import gate_repetitive
+
+EVAL_DIR = "eval"
+SUMMARY_FILE = "summary.json"
+
+
+def write_eval_records(run_dir: Path, step: int, records: list[dict[str, Any]]) -> Path:
+    """Per-problem results of the evaluation at `step`: run_dir/eval/step-<step>.jsonl (atomic)."""
+    path = run_dir / EVAL_DIR / f"step-{step}.jsonl"
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(path)
+    return path
+
+
+def read_eval_records(run_dir: Path, step: int) -> list[dict[str, Any]] | None:
+    path = Path(run_dir) / EVAL_DIR / f"step-{step}.jsonl"
+    if not path.is_file():
+        return None
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def default_run_dir() -> Path:
@@ -112,7 +134,8 @@ class Trainer:
         self.teachers = TeacherPool(model, tokenizer, params=cfg.teacher_params, ema_decay=cfg.ema_decay,
                                     micro_batch_size=cfg.teacher_micro_batch_size,
                                     chat_template=cfg.teacher_chat_template, thinking=cfg.teacher_thinking,
-                                    temperature=cfg.logprob_temperature) if objective_cls.needs_teachers else None
+                                    temperature=cfg.logprob_temperature,
+                                    fmt=cfg.answer_format) if objective_cls.needs_teachers else None
         self.masker = TokenMasker(tokenizer, keep_eos=objective_cls.keep_eos)
         self.optimizer = build_optimizer(model.parameters(), cfg, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg)
@@ -190,11 +213,14 @@ class Trainer:
     def _evaluate(self, step: int) -> dict[str, float]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        metrics = evaluate(self.model, self.tokenizer, self.eval_problems, self.verifier,
-                           max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, samples=cfg.eval_samples,
-                           temperature=cfg.eval_temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                           batch_size=cfg.generation_batch_size, seed=cfg.seed + 10**6 + step,
-                           chat_template=cfg.student_chat_template, thinking=cfg.student_thinking)
+        result = evaluate(self.model, self.tokenizer, self.eval_problems, self.verifier,
+                          max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, samples=cfg.eval_samples,
+                          temperature=cfg.eval_temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                          batch_size=cfg.generation_batch_size, seed=cfg.seed + 10**6 + step,
+                          chat_template=cfg.student_chat_template, thinking=cfg.student_thinking,
+                          fmt=cfg.answer_format, reject_repetition=cfg.reject_repetition)
+        metrics = result.metrics
+        write_eval_records(self.run_dir, step, result.records)
         row = {"step": step, "eval_step": step, **metrics, "time/eval": time.perf_counter() - t0}
         self.state["history"].append(row)
         self.metrics.log(row)
@@ -221,7 +247,8 @@ class Trainer:
         # Each problem's num_generations rollouts are adjacent (a GRPO group); each row samples on its own.
         problems = [p for p in self.batch_problems(step) for _ in range(cfg.num_generations)]
         prompts = student_prompts(self.tokenizer, [p.question for p in problems],
-                                  chat_template=cfg.student_chat_template, thinking=cfg.student_thinking)
+                                  chat_template=cfg.student_chat_template, thinking=cfg.student_thinking,
+                                  fmt=cfg.answer_format)
         t = time.perf_counter()
         self.engine.sync_weights(self.model)
         rollouts = self.engine.generate(prompts, seed=cfg.seed + step)
@@ -229,8 +256,10 @@ class Trainer:
 
         t = time.perf_counter()
         verdict = self.verifier.score(rollouts.completion_texts, [p.answer for p in problems])
+        gated, loops = gate_repetitive(rollouts.completion_texts, verdict.rewards)
         times["time/verify"] = time.perf_counter() - t
-        rewards = torch.tensor(verdict.rewards, dtype=torch.float32, device=self.device)
+        rewards = torch.tensor(gated if cfg.reject_repetition else verdict.rewards, dtype=torch.float32,
+                               device=self.device)
 
         completions = [list(c) for c in rollouts.completion_ids]
         length = max(1, max(len(c) for c in completions))
@@ -268,6 +297,7 @@ class Trainer:
             "loss": result.loss,
             "reward": float(rewards.mean()),
             "format_rate": sum(x is not None for x in verdict.extracted) / len(verdict.extracted),
+            "repetition_rate": sum(loops) / len(loops),
             "grad_norm": result.grad_norm,
             "lr": result.lr,
             "skipped": int(result.skipped),
@@ -288,9 +318,9 @@ class Trainer:
         }
         if cfg.log_completions:
             with (self.run_dir / "completions.jsonl").open("a") as fh:
-                for p, text, r in list(zip(problems, rollouts.completion_texts, verdict.rewards))[:cfg.log_completions]:
+                for p, text, r in list(zip(problems, rollouts.completion_texts, rewards.tolist()))[:cfg.log_completions]:
                     fh.write(json.dumps({"step": step + 1, "problem_id": p.id, "question": p.question,
-                                         "answer": p.answer, "completion": text, "reward": r}) + "\n")
+                                         "answer": p.answer, "completion": text, "reward": float(r)}) + "\n")
         return row
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -350,6 +380,8 @@ class Trainer:
                 signal.signal(signal.SIGINT, previous)
         plot = plot_curves(self.state["history"], self.run_dir / PLOT_FILE)
         summary = self._summary(interrupted, checkpoint, plot, time.perf_counter() - t_run)
+        if not interrupted:  # a finished run's marker: `sgsd-fast compare` skips runs that have one
+            (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         self.log(self._summary_text(summary))
         return summary
 
@@ -364,12 +396,30 @@ class Trainer:
             "plot": str(plot),
             "eval_before": evals[0] if evals else None,
             "eval_after": evals[-1] if len(evals) > 1 else None,
+            "comparison": self._comparison(evals),
             "skipped_steps": self.state["skipped_steps"],
             "verifier_timeouts": self.state["verifier_timeouts"],
             "mean_reward": sum(r["reward"] for r in train) / len(train) if train else None,
             "wall_time_s": wall,
             "peak_memory_mb": peak_memory_mb(self.device),
         }
+
+    def _comparison(self, evals: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """Paired before/after comparison of the first and last evaluation, written to comparison.json.
+
+        Clustered by the problems' computation keys where they have them (the built-in task)."""
+        if len(evals) < 2:
+            return None
+        first, last = (read_eval_records(self.run_dir, int(r["eval_step"])) for r in (evals[0], evals[-1]))
+        if first is None or last is None or [r["id"] for r in first] != [r["id"] for r in last]:
+            return None
+        keys = [r.get("key") for r in first]
+        cmp = paired_comparison([r["correct"] for r in first], [r["correct"] for r in last],
+                                clusters=keys if all(k is not None for k in keys) else None, seed=self.cfg.seed)
+        out = {**cmp.to_dict(), "before_step": int(evals[0]["eval_step"]), "after_step": int(evals[-1]["eval_step"]),
+               "text": cmp.text()}
+        (self.run_dir / "comparison.json").write_text(json.dumps(out, indent=2) + "\n")
+        return out
 
     @staticmethod
     def _summary_text(s: dict[str, Any]) -> str:
@@ -378,10 +428,12 @@ class Trainer:
         if s["interrupted"]:
             lines.append(f"interrupted; resume with: sgsd-fast train --resume {s['checkpoint']}")
         before, after = s["eval_before"], s["eval_after"]
-        for key in ("eval/accuracy", "eval/avg_at_k", "eval/format_rate"):
+        for key in ("eval/accuracy", "eval/avg_at_k", "eval/format_rate", "eval/repetition_rate"):
             if before and key in before:
                 tail = f" -> {after[key]:.3f} (step {after['eval_step']})" if after and key in after else ""
                 lines.append(f"{key:<18} {before[key]:.3f} (step {before['eval_step']}){tail}")
+        if s.get("comparison"):
+            lines.append(f"paired comparison: {s['comparison']['text']}")
         lines.append(f"skipped steps: {s['skipped_steps']}, verifier timeouts: {s['verifier_timeouts']}, "
                      f"plot: {s['plot']}")
         return "\n".join(lines)
