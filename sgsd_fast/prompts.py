@@ -18,11 +18,11 @@ Two formats:
 
 * ``boxed`` (SPEC §5, the library default and the paper config): "... write the final answer
   inside \\boxed{}", no examples;
-* ``answer_is`` (the embedded SmolLM2 job): two worked example turns, then "Write the
+* ``answer_is`` (the embedded SmolLM2 job): one worked example turn, then "Write the
   calculation, then end with: The answer is <number>." SmolLM2-135M never writes a box; with the
-  ``boxed`` instruction it solved 10-27 % of level-1 problems (most answers truncated rambling),
-  with this format 54-65 % (48 problems, greedy and T = 0.7), in ~20 tokens. The verifier reads it
-  with ``answer_phrase=True``.
+  ``boxed`` instruction it solved 10-27 % of 48 level-1 problems (most answers truncated rambling),
+  with this format 45 % greedy and 28 % sampled at T = 0.7 (120 level-1 eval problems), in ~18
+  tokens and with a 110-token prompt. The verifier reads it with ``answer_phrase=True``.
 """
 
 from __future__ import annotations
@@ -61,11 +61,14 @@ class AnswerFormat:
     examples: tuple[tuple[str, str], ...] = ()
 
     def example_turns(self) -> list[dict[str, str]]:
-        """The few-shot turns that open every prompt of this format (student and teachers alike)."""
+        """The few-shot turns that open every prompt of this format (student and teachers alike).
+
+        The instruction is not repeated inside them: the worked reply already shows the format,
+        and every prompt token is paid for by every rollout, teacher pass and evaluation (with it
+        in each example the answer_is prompt was 177 tokens instead of 110, at the same accuracy)."""
         turns: list[dict[str, str]] = []
         for question, reply in self.examples:
-            turns += [{"role": "user", "content": f"{question}\n\n{self.instruction}"},
-                      {"role": "assistant", "content": reply}]
+            turns += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
         return turns
 
     def messages(self, content: str) -> list[dict[str, str]]:
@@ -73,14 +76,13 @@ class AnswerFormat:
         return self.example_turns() + [{"role": "user", "content": f"{content}\n\n{self.instruction}"}]
 
 
-# The examples' computations (add 6,7 and sub 15,8) belong to the built-in train split, so no
+# The example's computation (add 6,7) belongs to the built-in train split, so no
 # eval problem has its answer in the prompt (tests/test_prompts_format.py checks it).
 ANSWER_FORMATS: dict[str, AnswerFormat] = {
     "boxed": AnswerFormat("boxed", ANSWER_FORMAT),
     "answer_is": AnswerFormat("answer_is", _ANSWER_IS, examples=(
         ("Mia has 6 pears and gets 7 more pears. How many pears does Mia have now?",
          "6 + 7 = 13. The answer is 13."),
-        ("What is 15 - 8?", "15 - 8 = 7. The answer is 7."),
     )),
 }
 

@@ -24,7 +24,7 @@ def test_examples_are_train_split_computations():
 
 def test_student_and_teachers_share_the_example_turns_and_instruction():
     student = student_messages("What is 12 + 9?", "answer_is")
-    assert [m["role"] for m in student] == ["user", "assistant", "user", "assistant", "user"]
+    assert [m["role"] for m in student] == ["user", "assistant", "user"]
     assert student[-1]["content"].endswith(FMT.instruction) and "What is 12 + 9?" in student[-1]["content"]
     skill = SkillItem.new("skill", {"title": "Count on", "principle": "Start from the larger number.",
                                     "when_to_apply": "Small sums."})

@@ -1,5 +1,5 @@
 """What the trainer reports about learning: per-problem eval records, the paired before/after comparison,
-looping completions never rewarded, and the centered SGSD outcome variant."""
+looping completions never rewarded, and the advantage SGSD outcome variant."""
 from __future__ import annotations
 
 import json
@@ -74,10 +74,10 @@ def test_looping_rollouts_are_not_rewarded(tmp_path, tok, monkeypatch, reject):
     assert eval_row["eval/accuracy"] == (0.0 if reject else 1.0)
 
 
-def _centered_reference(s, q, mask, rewards, a, tau=1.0, clip=3.0, eps=0.05):
-    """SPEC §3 written out in float64 with o = sign(r - mean(r))."""
+def _advantage_reference(s, q, mask, rewards, a, tau=1.0, clip=3.0, eps=0.05):
+    """SPEC §3 written out in float64 with o = r - mean(r) (the advantage variant)."""
     s, q, a = s.double(), q.double(), a.double()
-    o = torch.sign(rewards.double() - rewards.double().mean())
+    o = rewards.double() - rewards.double().mean()
     total = 0.0
     for i in range(s.shape[0]):
         m = mask[i].double()
@@ -91,7 +91,7 @@ def _centered_reference(s, q, mask, rewards, a, tau=1.0, clip=3.0, eps=0.05):
     return total / s.shape[0]
 
 
-def test_centered_outcome_matches_reference_and_silences_uniform_batches():
+def test_advantage_outcome_matches_reference_and_silences_uniform_batches():
     g = torch.Generator().manual_seed(0)
     b, k, t = 4, 2, 7
     s = (torch.randn(b, t, generator=g, dtype=torch.float64) * 3 - 4).requires_grad_()
@@ -100,15 +100,22 @@ def test_centered_outcome_matches_reference_and_silences_uniform_batches():
     a = torch.softmax(torch.randn(b, k, generator=g, dtype=torch.float64), -1)
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0])
     loss, _ = sgsd_gated_loss(s, q, mask, rewards, a, outcome_baseline=float(rewards.mean()))
-    ref = _centered_reference(s, q, mask, rewards, a)
+    ref = _advantage_reference(s, q, mask, rewards, a)
     assert float(loss) == pytest.approx(float(ref), rel=1e-12, abs=1e-15)
     (g1,) = torch.autograd.grad(loss, s)
     (g2,) = torch.autograd.grad(ref, s)
     torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-14)
-    # All rollouts failed: the paper's sign pushes every one away; the centered sign leaves them alone.
+    # All rollouts failed: the paper's sign pushes every one away; the advantage variant leaves them alone.
     zeros = torch.zeros(b)
     exact, _ = sgsd_gated_loss(s, q, mask, zeros, a)
-    centered, _ = sgsd_gated_loss(s, q, mask, zeros, a, outcome_baseline=0.0)
-    assert float(exact) != 0.0 and float(centered) == 0.0
+    advantage, _ = sgsd_gated_loss(s, q, mask, zeros, a, outcome_baseline=0.0)
+    assert float(exact) != 0.0 and float(advantage) == 0.0
+    # A mixed batch: the one success weighs 0.75, each failure 0.25 (the paper: 1 and 1).
+    rewards4 = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    per_row = [sgsd_gated_loss(s[i:i + 1], q[i:i + 1], mask[i:i + 1], rewards4[i:i + 1], a[i:i + 1])[0]
+               for i in range(b)]
+    weights = torch.tensor([0.75, -0.25, -0.25, -0.25], dtype=torch.float64)
+    expected = sum(w * float(l) * (1 if i == 0 else -1) for i, (w, l) in enumerate(zip(weights, per_row))) / b
+    assert float(loss) == pytest.approx(float(expected), rel=1e-10)
     with pytest.raises(ValueError, match="outcome_baseline"):
         sgsd_gated_loss(s, q, mask, zeros, a, outcome_baseline=float("nan"))

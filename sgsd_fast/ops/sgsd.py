@@ -61,11 +61,14 @@ def sgsd_gated_loss(
             (that rollout has no teachers and contributes 0); a zero entry marks an absent teacher.
         tau: gate temperature tau_g > 0. clip: support clip c > 0. deadzone: epsilon >= 0.
         outcome_baseline: None (the paper: o = +1 if r > 0 else -1) or a finite number b, giving
-            the "centered" variant o = sign(r - b) (0 when r == b). With b = the mean reward of the
-            step's whole batch, a failure counts as a failure only when the batch has successes
-            to contrast it with; with nearly all rollouts failing, the paper's sign turns SGSD into
-            unlikelihood training on the model's own samples (issue 14's step-0 anatomy). Pass
-            the batch mean, not a micro-batch mean, so accumulation stays exact.
+            the "advantage" variant o = r - b (real-valued, 0 when r == b). With b = the mean
+            reward of the step's whole batch, successes and failures weigh (1 - p) and p (p = the
+            batch's success rate), so the outcome terms balance the way a baseline balances
+            REINFORCE. The paper's +-1 does not balance: at a 30 % success rate failures carry
+            70 % of the weight and SGSD drifts toward unlikelihood training on the model's own
+            samples (issue 14's step-0 anatomy; the measured comparison is in
+            benchmarks/results/learning.md). Pass the batch mean, not a micro-batch mean, so
+            accumulation stays exact.
         extra_metrics: optional name -> one-element tensor (e.g. an entropy mean), read in the same
             host sync as the built-in metrics and returned with them; names must not clash.
 
@@ -111,7 +114,7 @@ def sgsd_gated_loss(
         if outcome_baseline is None:
             outcome = torch.where(rewards.detach() > 0, 1.0, -1.0).to(dt)
         else:
-            outcome = torch.sign(rewards.detach().to(dt) - outcome_baseline)
+            outcome = rewards.detach().to(dt) - outcome_baseline
         polarity = outcome[:, None] * stance
     gate = math.log(2.0) - F.softplus(-delta.square() / (2.0 * tau))
     row = (gate * m).sum(-1) / n  # [B, K]

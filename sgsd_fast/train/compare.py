@@ -47,7 +47,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "sgsd": {"method": "sgsd"},
     "sgsd_random": {"method": "sgsd", "retrieval": "random"},
     "sgsd_exact": {"method": "sgsd", "sgsd_outcome": "sign"},
-    "sgsd_centered": {"method": "sgsd", "sgsd_outcome": "centered"},
+    "sgsd_advantage": {"method": "sgsd", "sgsd_outcome": "advantage"},
 }
 GRPO_GROUP = 4
 BASE_RECORDS = "base/records.jsonl"

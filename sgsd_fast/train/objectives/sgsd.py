@@ -14,7 +14,7 @@ from sgsd_fast.train.teachers import retrieve_contexts
 class SGSDPayload(Payload):
     teacher_logp: torch.Tensor  # [B, K, T] log-probs of the completion under each teacher
     teacher_weights: torch.Tensor  # [B, K] a_k (rows sum to 1; 0 = absent teacher)
-    outcome_baseline: float | None = None  # sgsd_outcome="centered": the whole batch's mean reward
+    outcome_baseline: float | None = None  # sgsd_outcome="advantage": the whole batch's mean reward
 
     @property
     def num_teachers(self) -> int:
@@ -25,8 +25,8 @@ class SGSD(Objective):
     """Teachers: the policy reading one retrieved (skill, mistake) pair each, scoring the student's
     ids; loss: `ops.sgsd_loss` (one student pass serves all K teachers).
 
-    `sgsd_outcome`: "sign" is the paper's outcome o = +1 / -1; "centered" is o = sign(r - mean r)
-    with the mean of the step's whole batch (taken here, once, so gradient accumulation stays exact).
+    `sgsd_outcome`: "sign" is the paper's outcome o = +1 / -1; "advantage" is o = r - mean r with the
+    mean of the step's whole batch (taken here, once, so gradient accumulation stays exact).
     """
 
     name = "sgsd"
@@ -37,7 +37,7 @@ class SGSD(Objective):
         pool = self._require("teachers")
         contexts, weights = retrieve_contexts(self._require("retriever"), rollouts.problems, self.cfg.num_teachers)
         prompts = pool.skill_conditioned(rollouts.problems, contexts)
-        baseline = float(rollouts.rewards.mean()) if self.cfg.sgsd_outcome == "centered" else None
+        baseline = float(rollouts.rewards.mean()) if self.cfg.sgsd_outcome == "advantage" else None
         return SGSDPayload(teacher_logp=pool.score(prompts, rollouts.completions, rollouts.length),
                            teacher_weights=weights.to(rollouts.rewards.device), outcome_baseline=baseline)
 
