@@ -64,10 +64,10 @@ fi
 
 for preset_limit in gpu:120 gpu-e2e:170; do
     preset="${preset_limit%%:*}"
-    stage "bench $preset" "${preset_limit##*:}" "$PY" -m sgsd_fast.cli bench --preset "$preset" --out "$OUT"
+    stage "bench $preset" "${preset_limit##*:}" "$PY" -m sgsd_fast.commands bench --preset "$preset" --out "$OUT"
     # A preset stopped by its limit leaves a checkpointed JSON of the cases it finished: tabulate those.
     if [ ! -f "$OUT/$preset.md" ] && [ -f "$OUT/$preset.json" ]; then
-        "$PY" -m sgsd_fast.cli bench --render "$OUT/$preset.json" --out "$OUT" >> "$LOG" 2>&1
+        "$PY" -m sgsd_fast.commands bench --render "$OUT/$preset.json" --out "$OUT" >> "$LOG" 2>&1
     fi
 done
 

@@ -14,7 +14,7 @@ import time
 from sgsd_fast.data import generate_problems
 from sgsd_fast.models import load_model_and_tokenizer
 from sgsd_fast.prompts import render_prompt, student_messages
-from sgsd_fast.train.rollout import HFRolloutEngine
+from sgsd_fast.rollout import HFRolloutEngine
 from sgsd_fast.verify import Verifier
 
 

@@ -18,14 +18,16 @@ import math
 import os
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-METHODS = ("sgsd", "opsd", "sampled_rkl")
-TEACHER_WEIGHTS = ("live", "frozen", "ema")
+#: The objectives of `sgsd_fast.train.objectives` (a test keeps the two in step).
+METHODS = ("sgsd", "opsd", "sampled_rkl", "grpo")
+TEACHER_PARAMS = ("live", "frozen", "ema")
 OPTIMIZERS = ("auto", "adamw_8bit", "paged_adamw_8bit", "adamw_torch")
 SCHEDULERS = ("constant", "linear", "cosine")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -33,6 +35,15 @@ DEVICES = ("auto", "cpu", "cuda")
 RETRIEVAL_MODES = ("similarity", "random")
 ROLLOUT_ENGINES = ("hf", "vllm")
 REPORT_TO = ("auto", "none", "tensorboard")
+ANSWER_FORMATS = ("boxed", "answer_is")  # keys of sgsd_fast.prompts.ANSWER_FORMATS
+# Names the layers above define; config sits below them, so it keeps copies (a test keeps them in step).
+ENCODERS = ("tfidf", "policy", "sentence-transformers", "st")  # what sgsd_fast.skills.make_encoder accepts
+TASK_LEVELS = (1, 2, 3, 4, 5)  # keys of sgsd_fast.data.tasks.LEVELS
+SGSD_OUTCOMES = ("sign", "advantage")
+
+
+#: Old field names still read from YAML files, checkpoints and the command line (with a FutureWarning).
+DEPRECATED_FIELDS = {"teacher_weights": "teacher_params"}
 
 
 class ConfigError(ValueError):
@@ -60,7 +71,9 @@ class TrainConfig:
                                   "'eager', 'flash_attention_2').")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass (saves memory, ~20% slower).")
     liger: bool = _f(False, "Patch RMSNorm/RoPE/SwiGLU with Liger kernels (CUDA only).")
-    use_peft: bool = _f(False, "Train a LoRA adapter instead of all weights.")
+    use_peft: bool = _f(True, "Train a LoRA adapter instead of all weights (the embedded default and the paper: full "
+                        "fine-tuning with Adam moved every weight by ~lr and raised held-out entropy ~25x more "
+                        "than LoRA r=16 at the same lr).")
     lora_r: int = _f(16, "LoRA rank (with use_peft).")
     lora_alpha: int = _f(32, "LoRA alpha (with use_peft).")
     lora_dropout: float = _f(0.0, "LoRA dropout (with use_peft). Keep 0 so one student pass serves all teachers exactly.")
@@ -79,22 +92,34 @@ class TrainConfig:
     builtin_levels: list[int] = _f([1], "Difficulty levels of the built-in task (train and eval); level 1 is the "
                                    "one a 135M model solves part of the time.")
     num_train_problems: int = _f(2000, "Number of built-in training problems to generate.")
-    num_eval_problems: int = _f(40, "Number of held-out problems used by each evaluation.")
+    eval_seed: int = _f(0, "Seed of the built-in held-out problems. Separate from `seed`, so runs with different "
+                        "training seeds are scored on the same problems (paired comparisons).")
+    num_eval_problems: int = _f(200, "Number of held-out problems used by each evaluation. The built-in eval split "
+                                "draws one problem per distinct computation; 200 problems resolve a change of "
+                                "about +-7 points (paired 95% CI), 40 only a collapse.")
 
     # ---- method ------------------------------------------------------------------------------
+    answer_format: str = _f("answer_is", f"How prompts ask for the answer, one of {ANSWER_FORMATS}: 'boxed' (SPEC §5: "
+                            "'... inside \\boxed{{}}', the paper config) or 'answer_is' (one worked example turn, "
+                            "then 'end with: The answer is <number>'; the embedded job: SmolLM2-135M never writes a box "
+                            "and follows this format in ~98% of its answers). Student and teachers use the same one.")
     method: str = _f("sgsd", f"Objective, one of {METHODS}: 'sgsd' (skill-conditioned gated self-distillation), "
                      "'opsd' (answer-conditioned teacher, full-vocab clipped divergence), 'sampled_rkl' "
-                     "(answer-conditioned teacher, sampled-token reverse KL).")
+                     "(answer-conditioned teacher, sampled-token reverse KL), 'grpo' (group-normalized outcome "
+                     "advantages, no teacher; needs num_generations >= 2).")
 
     # ---- rollouts ----------------------------------------------------------------------------
-    prompts_per_step: int = _f(4, "Problems per optimizer step (one rollout each).")
-    max_new_tokens: int = _f(96, "Maximum completion length; longer rollouts are truncated (and still trained on).")
-    temperature: float = _f(0.3, "Sampling temperature of the rollouts (the paper: 1.1 for Qwen3-1.7B). SmolLM2-135M "
-                            "sampled at 0.7-1.0 solved ~1% of its rollouts (greedy: 22%), leaving SGSD almost no "
-                            "success signal.")
+    prompts_per_step: int = _f(8, "Problems per optimizer step.")
+    num_generations: int = _f(1, "Rollouts per problem per step (TRL's name); a problem's rollouts are adjacent in "
+                              "the batch and sampled independently, so a step has prompts_per_step * "
+                              "num_generations rollouts. GRPO needs >= 2 (its group baseline).")
+    max_new_tokens: int = _f(32, "Maximum completion length; longer rollouts are truncated (and still trained on).")
+    temperature: float = _f(0.5, "Sampling temperature of the rollouts (the paper: 1.1 for Qwen3-1.7B). With the "
+                            "answer_is format SmolLM2-135M solves ~45% of level-1 problems greedily and ~28% of its "
+                            "samples at 0.7; 0.5 keeps the success rate of the rollouts inside 30-70%.")
     top_p: float = _f(0.95, "Nucleus sampling threshold of the rollouts (1.0 = off).")
     top_k: int = _f(20, "Top-k sampling of the rollouts (0 = off).")
-    generation_batch_size: int = _f(16, "Prompts generated together.")
+    generation_batch_size: int = _f(50, "Prompts generated together (a 200-problem evaluation in 4 batches).")
     rollout_engine: str = _f("hf", f"Rollout backend, one of {ROLLOUT_ENGINES}: 'hf' (transformers generate, CPU or GPU, "
                              "tested) or 'vllm' (CUDA with vLLM installed; weights synced before each step; untested "
                              "in CI).")
@@ -109,12 +134,12 @@ class TrainConfig:
     num_teachers: int = _f(2, "K: teachers (retrieved skill/mistake pairs) per rollout. The paper uses 8; the CPU "
                            "default uses 2 because every teacher is one more forward pass over the batch with a "
                            "prompt ~3x longer than the student's (at K=4 the teachers took ~45% of a CPU step).")
-    teacher_weights: str = _f("frozen", f"Teacher parameters, one of {TEACHER_WEIGHTS}: current weights without grad "
+    teacher_params: str = _f("frozen", f"Teacher parameters, one of {TEACHER_PARAMS}: current weights without grad "
                               "(the SGSD paper's setting), the initial weights (the OPSD recipe and this default: with "
                               "live teachers and nearly all rollouts failing, the embedded CPU job drifted into "
                               "degenerate text within 25 steps; with LoRA the adapter is disabled, without LoRA a "
                               "full copy is kept), or an exponential moving average.")
-    ema_decay: float = _f(0.99, "EMA decay for teacher_weights='ema'.")
+    ema_decay: float = _f(0.99, "EMA decay for teacher_params='ema'.")
     skill_bank: str = _f("starter", "Skill bank: 'starter' (the bundled static bank), a .json export or a .db bank. "
                          "The run works on its own copy, the source is never modified.")
     retrieval: str = _f("similarity", f"Teacher-context retrieval, one of {RETRIEVAL_MODES}.")
@@ -125,16 +150,24 @@ class TrainConfig:
     teacher_micro_batch_size: int = _f(8, "Rollouts per teacher forward pass.")
 
     # ---- loss --------------------------------------------------------------------------------
+    sgsd_outcome: str = _f("advantage", f"SGSD outcome o, one of {SGSD_OUTCOMES}: 'sign' (the paper's exact "
+                           "objective: +1 for a success, -1 for a failure) or 'advantage' (a variant, the embedded "
+                           "default: o = r - mean reward of the step's batch, so successes and failures balance; "
+                           "see sgsd_fast.ops.sgsd_gated_loss and benchmarks/results/learning.md).")
     tau_g: float = _f(1.0, "SGSD gate temperature tau_g.")
     support_clip: float = _f(3.0, "SGSD clip c of the per-token log-ratio when measuring teacher support.")
     deadzone: float = _f(0.05, "SGSD dead zone epsilon: teachers with |support| <= epsilon are ignored.")
-    logprob_temperature: float = _f(1.0, "Temperature tau_s applied to logits in the SGSD / sampled_rkl log-probs.")
+    logprob_temperature: float = _f(1.0, "Temperature tau_s applied to logits in the SGSD / sampled_rkl / GRPO "
+                                    "log-probs.")
     opsd_beta: float = _f(0.0, "OPSD generalized JSD beta: 0 = forward KL (the recipe), 1 = reverse KL.")
     opsd_entry_clip: float | None = _f(0.05, "OPSD per-vocabulary-entry clip of the divergence summands (none = off).")
+    scale_rewards: bool = _f(True, "GRPO: divide each group's centered rewards by their std (+1e-4); false = Dr. GRPO "
+                             "(mean baseline only).")
 
     # ---- optimization ------------------------------------------------------------------------
     max_steps: int = _f(20, "Optimizer steps (20 keeps the embedded CPU job under 15 minutes on 2 cores).")
-    learning_rate: float = _f(1e-5, "Peak learning rate.")
+    learning_rate: float = _f(1e-4, "Peak learning rate (1e-4 for LoRA r=16 on the embedded job; the paper: 5e-6 "
+                              "for LoRA r=64 on Qwen3-1.7B).")
     optim: str = _f("auto", f"Optimizer, one of {OPTIMIZERS}; 'auto' = paged_adamw_8bit on CUDA, adamw_8bit on CPU.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     adam_beta1: float = _f(0.9, "AdamW beta1.")
@@ -165,6 +198,9 @@ class TrainConfig:
     eval_max_new_tokens: int | None = _f(None, "Completion length for evaluation (none = max_new_tokens).")
     verifier_workers: int = _f(2, "Processes verifying answers.")
     verifier_timeout_s: float = _f(5.0, "Per-answer verification timeout; a timeout counts as reward 0.")
+    reject_repetition: bool = _f(True, "A completion that loops (a line or a 6-word run repeated 3+ times) gets "
+                                 "reward 0 in training and counts as wrong in evaluation: a gain made of loops is "
+                                 "not a gain (see sgsd_fast.verify.repetition).")
     answer_phrase: bool = _f(True, "Also read an 'answer is ...' phrase when a completion has no \\boxed{} or "
                              "'Answer:' line. On for the embedded SmolLM2 job (that model never writes a box); "
                              "SPEC §5 is strict, so turn it off for real reasoning runs (the paper config does).")
@@ -189,9 +225,6 @@ class TrainConfig:
         model download. Paths that must be writable are checked by the trainer before it loads
         the model (`check_output_dir`): configs are also built freely where nothing is written.
         """
-        from sgsd_fast.data.tasks import LEVELS
-        from sgsd_fast.skills.encoders import ENCODER_ALIASES, ENCODERS
-
         _check_types(self)
 
         def need(cond: bool, name: str, expected: str) -> None:
@@ -203,14 +236,15 @@ class TrainConfig:
             if _base_type(tp)[0] is float and value is not None:
                 need(math.isfinite(value), name, "a finite number")
 
-        for name, choices in (("method", METHODS), ("teacher_weights", TEACHER_WEIGHTS), ("optim", OPTIMIZERS),
+        for name, choices in (("method", METHODS), ("answer_format", ANSWER_FORMATS), ("sgsd_outcome", SGSD_OUTCOMES),
+                              ("teacher_params", TEACHER_PARAMS), ("optim", OPTIMIZERS),
                               ("lr_scheduler_type", SCHEDULERS), ("dtype", DTYPES), ("device", DEVICES),
                               ("retrieval", RETRIEVAL_MODES), ("report_to", REPORT_TO),
-                              ("rollout_engine", ROLLOUT_ENGINES), ("encoder", ENCODERS + tuple(ENCODER_ALIASES))):
+                              ("rollout_engine", ROLLOUT_ENGINES), ("encoder", ENCODERS)):
             need(getattr(self, name) in choices, name, f"one of {choices}")
         need(self.report_to != "tensorboard" or importlib.util.find_spec("tensorboard") is not None, "report_to",
              "'auto' or 'none' ('tensorboard' needs the tensorboard package: pip install tensorboard)")
-        for name in ("prompts_per_step", "max_new_tokens", "generation_batch_size", "num_teachers",
+        for name in ("prompts_per_step", "num_generations", "max_new_tokens", "generation_batch_size", "num_teachers",
                      "teacher_micro_batch_size", "max_steps", "micro_batch_size", "lora_r", "lora_alpha",
                      "num_train_problems", "num_eval_problems", "verifier_workers", "online_max_new", "online_cap",
                      "online_max_new_tokens"):
@@ -225,6 +259,8 @@ class TrainConfig:
             need(getattr(self, name) >= 0, name, "a number >= 0")
         # An upper bound too: 1e30 passes "> 0" and ruins the weights in the first step.
         need(self.learning_rate <= 1, "learning_rate", "a number in (0, 1]")
+        need(self.method != "grpo" or self.num_generations >= 2, "num_generations",
+             "an integer >= 2 with method='grpo' (a group of one has no baseline)")
         need(0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
         need(0 < self.vllm_gpu_memory_utilization < 1, "vllm_gpu_memory_utilization", "a number in (0, 1)")
         need(self.rollout_engine != "vllm" or self.device != "cpu", "rollout_engine", "'hf' when device is 'cpu'")
@@ -240,11 +276,10 @@ class TrainConfig:
              "an integer >= 1 or none")
         need(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit",
              "an integer >= 1 or none")
-        need(len(self.builtin_levels) > 0 and all(lv in LEVELS for lv in self.builtin_levels)
+        need(len(self.builtin_levels) > 0 and all(lv in TASK_LEVELS for lv in self.builtin_levels)
              and len(set(self.builtin_levels)) == len(self.builtin_levels), "builtin_levels",
-             f"a non-empty list of distinct levels from {sorted(LEVELS)}")
-        need(ENCODER_ALIASES.get(self.encoder, self.encoder) != "sentence-transformers"
-             or self.encoder_model is not None, "encoder_model",
+             f"a non-empty list of distinct levels from {list(TASK_LEVELS)}")
+        need(self.encoder not in ("sentence-transformers", "st") or self.encoder_model is not None, "encoder_model",
              "a model path or cached id when encoder='sentence-transformers'")
         need(self.lora_target_modules.strip() != "", "lora_target_modules", "'all-linear' or module names")
         for name in ("dataset", "eval_dataset"):
@@ -265,7 +300,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """Build from a mapping (e.g. parsed YAML); unknown keys are an error that suggests the closest field."""
+        """Build from a mapping (e.g. parsed YAML); unknown keys are an error that suggests the closest field.
+        Deprecated field names (`DEPRECATED_FIELDS`) are renamed, with a FutureWarning."""
+        values = rename_deprecated(values)
         names = [f.name for f in dataclasses.fields(cls)]
         for key in values:
             if key not in names:
@@ -277,6 +314,23 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> TrainConfig:
         return cls.from_dict(read_yaml(path))
+
+
+def rename_deprecated(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with deprecated field names replaced by the current ones (one FutureWarning each).
+
+    FutureWarning, not DeprecationWarning: the people who must act are the ones writing YAML files
+    and command lines, and Python shows FutureWarning to them by default.
+    """
+    out = dict(values)
+    for old, new in DEPRECATED_FIELDS.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise ConfigError(f"config fields {old!r} (deprecated) and {new!r} are both given; keep only {new!r}")
+        warnings.warn(f"config field {old!r} is deprecated; use {new!r}", FutureWarning, stacklevel=3)
+        out[new] = out.pop(old)
+    return out
 
 
 def read_yaml(path: str | os.PathLike, *, what: str = "--config", allow_empty: bool = True) -> dict[str, Any]:
@@ -417,15 +471,22 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         group.add_argument(f"--{f.name}", dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
                            help=f"{f.metadata['help']} (default: {default})".replace("%", "%%"))
+    for old, new in DEPRECATED_FIELDS.items():
+        group.add_argument(f"--{old}", dest=old, default=argparse.SUPPRESS, metavar="STR",
+                           help=f"Deprecated alias of --{new}.")
 
 
 def config_from_args(ns: argparse.Namespace, base: dict[str, Any] | None = None) -> TrainConfig:
-    """Merge: dataclass defaults < `base` (e.g. a checkpoint's config) < --config YAML < command-line fields."""
-    values: dict[str, Any] = dict(base or {})
+    """Merge: dataclass defaults < `base` (e.g. a checkpoint's config) < --config YAML < command-line fields.
+
+    Deprecated names are renamed within each source before merging, so a newer source's value wins
+    whichever spelling either source used (an old checkpoint's `teacher_weights` < `--teacher_params`).
+    """
+    values: dict[str, Any] = rename_deprecated(base or {})
     if getattr(ns, "config", None):
-        values.update(read_yaml(ns.config))
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    values.update({k: v for k, v in vars(ns).items() if k in names})
+        values.update(rename_deprecated(read_yaml(ns.config)))
+    names = {f.name for f in dataclasses.fields(TrainConfig)} | set(DEPRECATED_FIELDS)
+    values.update(rename_deprecated({k: v for k, v in vars(ns).items() if k in names}))
     return TrainConfig.from_dict(values)
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "SMOLLM2_GGUF",
     "LoraSettings",
     "decoder",
+    "is_peft_model",
     "lm_head_weight",
     "load_model_and_tokenizer",
     "resolve_model_source",
@@ -281,6 +282,11 @@ def load_model_and_tokenizer(
             lm.enable_input_require_grads()
         lm = get_peft_model(lm, peft_config)
     return lm, tokenizer
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """A peft-wrapped model (LoRA): its adapter can be disabled, merged and saved on its own."""
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
 def _base_model(model: nn.Module) -> nn.Module:

@@ -4,7 +4,7 @@ import json
 import torch
 
 from sgsd_fast.bench import e2e
-from sgsd_fast.cli import main
+from sgsd_fast.commands import main
 
 
 def test_bench_cli_dryrun_writes_table_json_and_plot(tmp_path, monkeypatch, capsys):

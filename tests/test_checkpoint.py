@@ -187,9 +187,9 @@ def test_checkpoint_bank_copy_is_one_self_contained_file(run):
 
 
 def test_resume_refuses_changed_structural_fields(run):
-    for changed, names in (({"method": "opsd", "teacher_weights": "frozen"}, ["method 'sgsd' -> 'opsd'"]),
+    for changed, names in (({"method": "opsd", "teacher_params": "frozen"}, ["method 'sgsd' -> 'opsd'"]),
                            ({"optim": "adamw_8bit"}, ["optim 'adamw_torch' -> 'adamw_8bit'"]),
-                           ({"use_peft": True, "lora_r": 4}, ["use_peft False -> True", "lora_r 16 -> 4"]),
+                           ({"use_peft": False, "lora_r": 4}, ["use_peft True -> False", "lora_r 16 -> 4"]),
                            ({"model": "some/other-model"}, ["model 'smollm2' -> 'some/other-model'"])):
         cfg = TrainConfig(**{**CFG.to_dict(), **changed})
         with pytest.raises(ConfigError) as info:
@@ -200,9 +200,9 @@ def test_resume_refuses_changed_structural_fields(run):
 def test_resume_allows_harmless_fields_and_reports_the_others(run, tmp_path):
     harmless = TrainConfig(**{**CFG.to_dict(), "max_steps": 99, "output_dir": str(tmp_path), "progress": False})
     assert check_resume(run / "checkpoint-2", harmless) == []
-    tuned = TrainConfig(**{**CFG.to_dict(), "learning_rate": 2e-5})
+    tuned = TrainConfig(**{**CFG.to_dict(), "learning_rate": 2e-4})
     (notice,) = check_resume(run / "checkpoint-2", tuned)
-    assert "learning_rate 1e-05 -> 2e-05" in notice and "differ from an uninterrupted run" in notice
+    assert "learning_rate 0.0001 -> 0.0002" in notice and "differ from an uninterrupted run" in notice
 
 
 def test_locked_and_free_fields_are_config_fields():

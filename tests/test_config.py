@@ -1,6 +1,7 @@
 """TrainConfig: defaults, YAML + command-line precedence, coercion, and errors that name the field."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from sgsd_fast.config import ConfigError, TrainConfig, parse_config
+from sgsd_fast.config import ConfigError, TrainConfig, config_from_args, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +36,7 @@ def test_cli_overrides_yaml_and_yaml_overrides_defaults(tmp_path):
 
 
 def test_yaml_round_trip(tmp_path):
-    cfg = parse_config(["--method", "opsd", "--teacher_weights", "frozen", "--opsd_entry_clip", "none"])
+    cfg = parse_config(["--method", "opsd", "--teacher_params", "frozen", "--opsd_entry_clip", "none"])
     path = tmp_path / "c.yaml"
     path.write_text(cfg.to_yaml())
     assert TrainConfig.from_yaml(path) == cfg
@@ -47,8 +48,10 @@ def test_yaml_round_trip(tmp_path):
         (["--max_steps", "0"], "max_steps"),
         (["--learning_rate", "-1"], "learning_rate"),
         (["--top_p", "1.5"], "top_p"),
-        (["--method", "grpo"], "method"),
-        (["--teacher_weights", "copy"], "teacher_weights"),
+        (["--method", "ppo"], "method"),
+        (["--method", "grpo"], "num_generations"),  # a group of one rollout has no baseline
+        (["--num_generations", "0"], "num_generations"),
+        (["--teacher_params", "copy"], "teacher_params"),
         (["--ema_decay", "1.0"], "ema_decay"),
         (["--use_peft", "maybe"], "use_peft"),
         (["--num_teachers", "two"], "num_teachers"),
@@ -100,6 +103,15 @@ def test_st_encoder_alias_is_accepted():
     assert parse_config(["--encoder", "st", "--encoder_model", "some/model"]).encoder == "st"
 
 
+def test_names_config_copies_from_higher_layers_stay_in_step():
+    from sgsd_fast.config import ENCODERS, TASK_LEVELS
+    from sgsd_fast.data.tasks import LEVELS
+    from sgsd_fast.skills import encoders
+
+    assert set(ENCODERS) == set(encoders.ENCODERS) | set(encoders.ENCODER_ALIASES)
+    assert TASK_LEVELS == tuple(sorted(LEVELS))
+
+
 @pytest.mark.parametrize(
     "content, expected",
     [
@@ -134,6 +146,31 @@ def test_output_dir_check(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="'output_dir': .*file/run' is not a writable directory"):
         check_output_dir(tmp_path / "file" / "run")
+
+
+def test_deprecated_teacher_weights_alias_warns_and_maps(tmp_path):
+    """`teacher_weights` (the old name of the live/frozen/ema field) still reads from YAML, the command line
+    and old checkpoints' config.yaml; the newer source wins whichever name either used."""
+    path = tmp_path / "old.yaml"
+    path.write_text("teacher_weights: ema\n")
+    with pytest.warns(FutureWarning, match="'teacher_weights' is deprecated; use 'teacher_params'"):
+        assert parse_config(["--config", str(path)]).teacher_params == "ema"
+    with pytest.warns(FutureWarning):
+        assert parse_config(["--teacher_weights", "live"]).teacher_params == "live"
+    with pytest.warns(FutureWarning):
+        assert parse_config(["--config", str(path), "--teacher_params", "live"]).teacher_params == "live"
+    with pytest.raises(ConfigError, match="both given"):
+        TrainConfig.from_dict({"teacher_weights": "ema", "teacher_params": "live"})
+    # An old checkpoint's config.yaml is the base of `--resume`: it loads, and the command line still wins.
+    with pytest.warns(FutureWarning):
+        resumed = config_from_args(argparse.Namespace(teacher_params="live"), base={"teacher_weights": "ema"})
+    assert resumed.teacher_params == "live"
+    assert "teacher_weights" not in TrainConfig().to_yaml()  # new files use the new name
+
+
+def test_grpo_needs_a_group_and_num_generations_serves_every_method():
+    assert TrainConfig(method="grpo", num_generations=4).num_generations == 4
+    assert TrainConfig(method="sgsd", num_generations=3).num_generations == 3
 
 
 def test_unknown_yaml_key_suggests_the_field(tmp_path):
@@ -177,7 +214,7 @@ def test_paper_config_matches_spec(tmp_path):
     assert (cfg.prompts_per_step, cfg.max_new_tokens) == (16, 1024)
     assert (cfg.temperature, cfg.top_p, cfg.top_k) == (1.1, 0.95, 20)
     assert (cfg.tau_g, cfg.support_clip, cfg.deadzone, cfg.num_teachers) == (1.0, 3.0, 0.05, 8)
-    assert cfg.online_update_every == 25 and cfg.teacher_weights == "live"
+    assert cfg.online_update_every == 25 and cfg.teacher_params == "live"
     assert cfg.student_thinking is False and cfg.teacher_thinking is True
     # Without the user's dataset the file alone is rejected, naming the field.
     with pytest.raises(ConfigError, match="'dataset'"):
@@ -185,7 +222,7 @@ def test_paper_config_matches_spec(tmp_path):
 
 
 def test_train_cli_help_and_errors(capsys):
-    from sgsd_fast.train.cli import main
+    from sgsd_fast.commands.train import main
 
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
@@ -206,7 +243,7 @@ def test_vllm_engine_needs_cuda_and_says_how_to_install(monkeypatch):
         TrainConfig(rollout_engine="vllm", device="cpu").validate()
     with pytest.raises(ConfigError, match="rollout_engine"):
         TrainConfig(rollout_engine="sglang").validate()
-    from sgsd_fast.train.rollout_vllm import VLLMRolloutEngine
+    from sgsd_fast.rollout import VLLMRolloutEngine
 
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):

@@ -7,6 +7,7 @@ from fractions import Fraction
 import pytest
 
 from sgsd_fast.data import Problem, generate_problems, load_problems
+from sgsd_fast.data.tasks import canonical_split
 from sgsd_fast.data import loaders as loaders_module
 
 # -- an independent solver for every built-in question form ----------------------------------------
@@ -112,10 +113,23 @@ def test_levels_balanced_and_questions_distinct():
     assert generate_problems(0, seed=0) == []
 
 
-def test_level_one_is_single_digit_arithmetic():
+def test_level_one_is_addition_or_subtraction_up_to_30():
     for problem in generate_problems(100, seed=3, split="train", levels=(1,)):
         (op, *numbers), _ = solve(problem.question)
-        assert op in ("add", "sub") and all(0 <= v <= 9 for v in numbers)
+        assert op in ("add", "sub") and all(1 <= v <= 30 for v in numbers)
+        assert int(problem.answer) > 0, "no zero answers (60 of 200 eval answers were 0 before)"
+        assert problem.key == f"{op}:{numbers[0]},{numbers[1]}"
+
+
+def test_eval_split_has_200_distinct_computations_without_a_dominant_answer():
+    problems = generate_problems(200, seed=0, split="eval", levels=(1,), distinct_keys=True)
+    assert len({p.key for p in problems}) == 200
+    assert all(canonical_split(p.key) == "eval" for p in problems)
+    top = max(sum(p.answer == a for p in problems) for a in {p.answer for p in problems})
+    assert top <= 10, "no answer value may dominate the eval split"
+    # The computation space is finite: asking for more distinct keys than exist fails clearly.
+    with pytest.raises(ValueError, match="distinct level-1 computations"):
+        generate_problems(400, seed=0, split="eval", levels=(1,), distinct_keys=True)
 
 
 @pytest.mark.parametrize(

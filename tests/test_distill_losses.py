@@ -8,7 +8,8 @@ import statistics
 import pytest
 import torch
 
-from sgsd_fast.losses import grpo_advantages, sampled_token_rkl, student_topk_tail_divergence, teacher_topk_divergence
+from sgsd_fast.losses import grpo_advantages, grpo_loss, sampled_token_rkl
+from sgsd_fast.ops import student_topk_tail_divergence, teacher_topk_divergence
 
 # ---------------------------------------------------------------- sampled-token reverse KL
 
@@ -99,10 +100,10 @@ def divergence(p_log, q_log, kind, beta):
 
 
 def topk_oracle(
-    student, weight, teacher, ignore, *, k, kind, beta, temperature, mode, teacher_weight=None, entry_clip=None
+    student, weight, teacher, ignore, *, k, kind, beta, temperature, mode, teacher_head=None, entry_clip=None
 ):
     """Float64, one token at a time, full logits; returns the loss tensor (differentiable)."""
-    tw = (weight if teacher_weight is None else teacher_weight).detach().double()
+    tw = (weight if teacher_head is None else teacher_head).detach().double()
     total, count, margins = torch.zeros((), dtype=torch.float64), 0, []
     for i in range(N):
         if ignore is not None and ignore[i]:
@@ -144,8 +145,8 @@ TOPK_CASES = [
 
 def _call(mode, student, weight, teacher, ignore, opts, **kw):
     if mode == "teacher":
-        return teacher_topk_divergence(student, weight, teacher, ignore_mask=ignore, **opts, **kw)
-    return student_topk_tail_divergence(student, weight, teacher, ignore_mask=ignore, **opts, **kw)
+        return teacher_topk_divergence(student, weight, teacher, mask=~ignore, **opts, **kw)
+    return student_topk_tail_divergence(student, weight, teacher, mask=~ignore, **opts, **kw)
 
 
 def _oracle_opts(mode, opts):
@@ -177,13 +178,13 @@ def test_topk_matches_full_logit_oracle(mode, opts, dtype):
 
 
 @pytest.mark.parametrize("mode,opts", [TOPK_CASES[2], TOPK_CASES[4]])
-def test_topk_chunking_separate_teacher_weight_and_bf16(mode, opts):
+def test_topk_chunking_separate_teacher_head_and_bf16(mode, opts):
     student, weight, teacher, ignore = hidden_problem(seed=3, dtype=torch.float32)
-    teacher_weight = weight + 0.3 * torch.randn(V, H, generator=torch.Generator().manual_seed(1))
+    teacher_head = weight + 0.3 * torch.randn(V, H, generator=torch.Generator().manual_seed(1))
     results = []
     for chunk in (1, 5, N):  # results must not depend on the chunking
         xs, w = student.clone().requires_grad_(), weight.clone().requires_grad_()
-        loss, _ = _call(mode, xs, w, teacher, ignore, opts, teacher_weight=teacher_weight, chunk_size=chunk)
+        loss, _ = _call(mode, xs, w, teacher, ignore, opts, teacher_head=teacher_head, chunk_size=chunk)
         loss.backward()
         results.append((loss.detach(), xs.grad, w.grad))
     for other in results[1:]:
@@ -191,17 +192,17 @@ def test_topk_chunking_separate_teacher_weight_and_bf16(mode, opts):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     xs64, w64 = student.double().requires_grad_(), weight.double().requires_grad_()
     oracle_opts = dict(temperature=1.0, mode=mode, **_oracle_opts(mode, opts))
-    want = topk_oracle(xs64, w64, teacher, ignore, teacher_weight=teacher_weight, **oracle_opts)
+    want = topk_oracle(xs64, w64, teacher, ignore, teacher_head=teacher_head, **oracle_opts)
     assert results[0][0].item() == pytest.approx(want.item(), rel=1e-4, abs=1e-5)
 
     # bf16 inputs: fp32 math on the bf16 values; the gradients are rounded to bf16 once.
     sb, wb, tb = (x.bfloat16() for x in (student, weight, teacher))
     xs, w = sb.clone().requires_grad_(), wb.clone().requires_grad_()
-    loss, _ = _call(mode, xs, w, tb, ignore, opts, teacher_weight=teacher_weight.bfloat16())
+    loss, _ = _call(mode, xs, w, tb, ignore, opts, teacher_head=teacher_head.bfloat16())
     loss.backward()
     assert loss.dtype == torch.float32 and xs.grad.dtype == torch.bfloat16
     xs64, w64 = sb.double().requires_grad_(), wb.double().requires_grad_()
-    want = topk_oracle(xs64, w64, tb, ignore, teacher_weight=teacher_weight.bfloat16(), **oracle_opts)
+    want = topk_oracle(xs64, w64, tb, ignore, teacher_head=teacher_head.bfloat16(), **oracle_opts)
     want.backward()
     assert loss.item() == pytest.approx(want.item(), rel=1e-4, abs=1e-5)
     for got, ref in ((xs.grad, xs64.grad), (w.grad, w64.grad)):
@@ -224,7 +225,7 @@ def test_topk_backward_scales_with_upstream_gradient():
     grads = []
     for factor in (1.0, -2.5):
         xs = student.clone().requires_grad_()
-        loss, _ = teacher_topk_divergence(xs, weight, teacher, k=5, ignore_mask=ignore)
+        loss, _ = teacher_topk_divergence(xs, weight, teacher, k=5, mask=~ignore)
         (factor * loss).backward()
         grads.append(xs.grad / factor)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=0)
@@ -244,9 +245,9 @@ tail_divergence = student_topk_tail_divergence
         (tail_divergence, dict(alpha=-0.1), ValueError, "alpha must be"),
         (teacher_topk_divergence, dict(temperature=0.0), ValueError, "temperature must be"),
         (teacher_topk_divergence, dict(chunk_size=0), ValueError, "chunk_size must be a positive integer"),
-        (teacher_topk_divergence, dict(ignore_mask=torch.zeros(N)), TypeError, "ignore_mask must be a bool tensor"),
-        (teacher_topk_divergence, dict(ignore_mask=torch.zeros(N - 1).bool()), ValueError, r"ignore_mask .*\[N\]"),
-        (teacher_topk_divergence, dict(teacher_weight=torch.zeros(V, H + 1)), ValueError, r"teacher_weight .*\[V, H\]"),
+        (teacher_topk_divergence, dict(mask=torch.zeros(N)), TypeError, "mask must be a bool tensor"),
+        (teacher_topk_divergence, dict(mask=torch.zeros(N - 1).bool()), ValueError, r"mask .*\[N\]"),
+        (teacher_topk_divergence, dict(teacher_head=torch.zeros(V, H + 1)), ValueError, r"teacher_head .*\[V, H\]"),
         (tail_divergence, dict(teacher_hidden=torch.zeros(N + 1, H)), ValueError, r"teacher_hidden .*\[N, H\]"),
         (tail_divergence, dict(weight=torch.zeros(V, H + 1)), ValueError, r"weight must have shape \[V, H\]"),
         (tail_divergence, dict(student_hidden=torch.zeros(N, H).long()), TypeError, "must be a floating tensor"),
@@ -272,11 +273,35 @@ def test_grpo_advantages_match_oracle():
     for start in range(0, 20, 4):
         group = rewards[start : start + 4].double().tolist()
         mean, std = statistics.fmean(group), statistics.stdev(group)  # Bessel-corrected
-        want.extend((r - mean) / (std + 1e-6) for r in group)
+        want.extend((r - mean) / (std + 1e-4) for r in group)  # SPEC §6: std + 1e-4
     # fp32 rewards around 100: subtraction keeps ~1e-5 absolute, divided by std ~5.
     torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), atol=1e-5, rtol=1e-6)
     assert torch.equal(got[-4:], torch.zeros(4))  # equal rewards: no signal, no NaN
     assert got.shape == rewards.shape and got.dtype == torch.float32
+
+
+def test_grpo_advantages_without_std_scaling_are_centered_rewards():
+    """scale=False is Dr. GRPO: the group-mean baseline only."""
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 2.0])
+    got = grpo_advantages(rewards, 3, scale=False)
+    torch.testing.assert_close(got, torch.tensor([2 / 3, -1 / 3, -1 / 3, -4 / 3, 2 / 3, 2 / 3]))
+
+
+def test_grpo_loss_matches_oracle_and_equal_reward_rollouts_get_no_gradient():
+    g = torch.Generator().manual_seed(3)
+    s = (torch.randn(4, 7, generator=g, dtype=torch.float64) - 3).requires_grad_()
+    mask = torch.rand(4, 7, generator=g) > 0.3
+    adv = torch.tensor([1.5, -0.5, 0.0, 0.0], dtype=torch.float64)  # rows 2, 3: an equal-reward group
+    loss, metrics = grpo_loss(s, adv, mask)
+    loss.backward()
+    valid = [(i, j) for i in range(4) for j in range(7) if mask[i, j]]
+    want = -sum(adv[i].item() * s[i, j].item() for i, j in valid) / len(valid)
+    assert loss.item() == pytest.approx(want, rel=1e-12)
+    grad = torch.tensor([[-adv[i].item() / len(valid) if mask[i, j] else 0.0 for j in range(7)] for i in range(4)],
+                        dtype=torch.float64)
+    torch.testing.assert_close(s.grad, grad, rtol=1e-12, atol=0)
+    assert torch.equal(s.grad[2:], torch.zeros_like(s.grad[2:]))
+    assert metrics["zero_advantage_frac"] == 0.5 and metrics["valid_tokens"] == len(valid)
 
 
 @pytest.mark.parametrize(

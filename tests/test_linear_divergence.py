@@ -23,8 +23,8 @@ U_BF16 = 2.0**-8
 
 def make_case(n, h, v, k, *, seed, dtype=F64, ht=None, logit_std=6.0, offset=25.0, teacher_noise=0.7,
               n_ignored=1):
-    """Random inputs (rounded to ``dtype``): (student_hidden, weight, teacher_hidden, teacher_weight|None,
-    gates, ignore_mask). Column 0 of the hidden states carries the per-row logit offset."""
+    """Random inputs (rounded to ``dtype``): (student_hidden, weight, teacher_hidden, teacher_head|None,
+    gates, ignore) with ignore = ~mask. Column 0 of the hidden states carries the per-row logit offset."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, h, generator=g, dtype=F64)
     w = torch.randn(v, h, generator=g, dtype=F64) * logit_std / math.sqrt(h - 1)
@@ -42,7 +42,7 @@ def make_case(n, h, v, k, *, seed, dtype=F64, ht=None, logit_std=6.0, offset=25.
     return cast(x), cast(w), cast(xt), cast(tw), gates.to(dtype), ignore
 
 
-def naive_same_dtype(x, w, xt, tw, *, gates, kind, beta, temperature, entry_clip, ignore_mask, reduction):
+def naive_same_dtype(x, w, xt, tw, *, gates, kind, beta, temperature, entry_clip, mask, reduction):
     """What a plain PyTorch user writes: logits, softmax and divergence all in the input dtype."""
     tw = w if tw is None else tw
     s = torch.log_softmax((x @ w.T) / temperature, dim=-1)
@@ -54,10 +54,10 @@ def naive_same_dtype(x, w, xt, tw, *, gates, kind, beta, temperature, entry_clip
         if entry_clip is not None:
             e = e.clamp(max=entry_clip)
         total = total + gates[:, i].to(x.dtype) * e.sum(-1)
-    total = torch.where(ignore_mask, torch.zeros_like(total), total)
+    total = torch.where(mask, total, torch.zeros_like(total))
     if reduction == "none":
         return total
-    return total.sum() / ((~ignore_mask).sum().clamp(min=1) if reduction == "mean" else 1)
+    return total.sum() / (mask.sum().clamp(min=1) if reduction == "mean" else 1)
 
 
 def loss_and_grads(fn, x, w, xt, tw, *, grad_seed=0, **kw):
@@ -72,14 +72,14 @@ def loss_and_grads(fn, x, w, xt, tw, *, grad_seed=0, **kw):
 
 def ours(backend):
     def fn(x, w, xt, tw, **kw):
-        return linear_divergence(x, w, xt, teacher_weight=tw, backend=backend, **kw)
+        return linear_divergence(x, w, xt, teacher_head=tw, backend=backend, **kw)
     return fn
 
 
 def reference_f64(x, w, xt, tw, **kw):
     up = (lambda t: None if t is None else t.double())
     kw = dict(kw, gates=kw["gates"].double())
-    return linear_divergence_reference(up(x), up(w), up(xt), teacher_weight=up(tw), **kw)
+    return linear_divergence_reference(up(x), up(w), up(xt), teacher_head=up(tw), **kw)
 
 
 def fp32_tol(scale: float, zmax: float) -> float:
@@ -100,7 +100,7 @@ def check_precision(backend, dtype, *, kind, beta, entry_clip, temperature, k, s
     direct elementwise bound for the loss and for bf16 gradients."""
     x, w, xt, tw, gates, ignore = make_case(n, h, v, k, seed=seed, dtype=dtype, ht=ht)
     kw = dict(gates=gates, kind=kind, beta=beta, temperature=temperature, entry_clip=entry_clip,
-              ignore_mask=ignore, reduction="mean")
+              mask=~ignore, reduction="mean")
     up = (lambda t: None if t is None else t.double())
     truth = loss_and_grads(reference_f64, up(x), up(w), up(xt), up(tw), **kw)
     got = loss_and_grads(ours(backend), x, w, xt, tw, **kw)
@@ -133,7 +133,7 @@ def test_float64_matches_reference(kind, beta, k, entry_clip, reduction):
     temperature = {"mean": 1.0, "sum": 1.1, "none": 2.0}[reduction]
     x, w, xt, tw, gates, ignore = make_case(9, 8, 41, k, seed=k * 7 + len(reduction))
     kw = dict(gates=gates, kind=kind, beta=beta, temperature=temperature, entry_clip=entry_clip,
-              ignore_mask=ignore, reduction=reduction)
+              mask=~ignore, reduction=reduction)
     # 2 rows per chunk: several chunks, the last one ragged, valid rows compacted across chunks
     got = loss_and_grads(ours("cpu"), x, w, xt, tw, workspace_bytes=2 * 3 * 41 * 8, **kw)
     want = loss_and_grads(reference_f64, x, w, xt, tw, **kw)
@@ -145,7 +145,7 @@ def test_float64_matches_reference(kind, beta, k, entry_clip, reduction):
 
 def test_teacher_with_own_width_and_default_gates():
     x, w, xt, tw, _, _ = make_case(6, 8, 33, 2, seed=3, ht=5)
-    kw = dict(kind="jsd", beta=0.5, temperature=1.1, entry_clip=None, ignore_mask=None, reduction="sum")
+    kw = dict(kind="jsd", beta=0.5, temperature=1.1, entry_clip=None, mask=None, reduction="sum")
     got = loss_and_grads(ours("cpu"), x, w, xt, tw, gates=None, **kw)
     want = loss_and_grads(reference_f64, x, w, xt, tw, gates=torch.full((6, 2), 0.5, dtype=F64), **kw)
     for a, b in zip(got, want):
@@ -170,7 +170,7 @@ def test_precision_vs_fp64(dtype, kind, beta, entry_clip, temperature, k):
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_jsd_beta_endpoints_are_kl(beta, kind, backend):
     x, w, xt, tw, gates, ignore = make_case(7, 8, 29, 2, seed=11)
-    kw = dict(gates=gates, temperature=1.1, entry_clip=None, ignore_mask=ignore, reduction="none")
+    kw = dict(gates=gates, temperature=1.1, entry_clip=None, mask=~ignore, reduction="none")
     a = loss_and_grads(ours(backend), x, w, xt, tw, kind="jsd", beta=beta, **kw)
     b = loss_and_grads(ours(backend), x, w, xt, tw, kind=kind, beta=0.5, **kw)
     for p, q in zip(a, b):
@@ -188,7 +188,7 @@ def test_matches_liger_fused_linear_jsd(beta, temperature):
     x, w, xt, tw, _, _ = make_case(8, 12, 64, 1, seed=5, dtype=torch.float32, ht=10, offset=3.0)
     ones = torch.ones(8, 1)
     xs_a = x.clone().requires_grad_()
-    ours_loss = linear_divergence(xs_a, w, xt, teacher_weight=tw, gates=ones, kind="jsd", beta=beta,
+    ours_loss = linear_divergence(xs_a, w, xt, teacher_head=tw, gates=ones, kind="jsd", beta=beta,
                                   temperature=temperature, backend="cpu")
     ours_loss.backward()
     xs_b = x.clone().requires_grad_()
@@ -213,7 +213,7 @@ def test_entry_clip_gives_negative_loss(backend):
     # only the unclipped entry j=1 differentiates: d/dz_i [-P_1 s_1] = -P_1 (delta_i1 - Q_i)
     torch.testing.assert_close(x.grad, torch.tensor([[0.05, -0.05]], dtype=F64), rtol=1e-12, atol=1e-15)
     want = loss_and_grads(reference_f64, x, w, xt, None, gates=torch.ones(1, 1, dtype=F64), kind="fkl", beta=0.5,
-                          temperature=1.0, entry_clip=0.05, ignore_mask=torch.zeros(1, dtype=torch.bool),
+                          temperature=1.0, entry_clip=0.05, mask=torch.ones(1, dtype=torch.bool),
                           reduction="mean")
     torch.testing.assert_close(w.grad, want[2], rtol=1e-12, atol=1e-15)
 
@@ -224,7 +224,7 @@ def test_all_rows_ignored(reduction, dtype):
     x, w, xt, _, gates, _ = make_case(5, 8, 17, 2, seed=2, dtype=dtype)
     x = x.clone().requires_grad_()
     w = w.clone().requires_grad_()
-    out = linear_divergence(x, w, xt, gates=gates, kind="jsd", ignore_mask=torch.ones(5, dtype=torch.bool),
+    out = linear_divergence(x, w, xt, gates=gates, kind="jsd", mask=torch.zeros(5, dtype=torch.bool),
                             reduction=reduction, backend="cpu")
     assert not out.isnan().any() and bool((out == 0).all())
     out.sum().backward()
@@ -248,8 +248,8 @@ def test_gradcheck(kind, beta, entry_clip, reduction, backend):
     w.requires_grad_()
 
     def fn(x_, w_):
-        return linear_divergence(x_, w_, xt, teacher_weight=tw, gates=gates, kind=kind, beta=beta, temperature=1.3,
-                                 entry_clip=entry_clip, ignore_mask=ignore, reduction=reduction, backend=backend)
+        return linear_divergence(x_, w_, xt, teacher_head=tw, gates=gates, kind=kind, beta=beta, temperature=1.3,
+                                 entry_clip=entry_clip, mask=~ignore, reduction=reduction, backend=backend)
 
     assert torch.autograd.gradcheck(fn, (x, w), eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -259,18 +259,18 @@ def test_teacher_side_gets_no_gradient():
     w = w.clone().requires_grad_()
     xt = xt.clone().requires_grad_()
     x = x.clone().requires_grad_()
-    loss = linear_divergence(x, w, xt, teacher_weight=w, gates=gates, kind="rkl", backend="cpu")
+    loss = linear_divergence(x, w, xt, teacher_head=w, gates=gates, kind="rkl", backend="cpu")
     loss.backward()
     assert xt.grad is None
     want = loss_and_grads(reference_f64, x, w, xt.detach(), None, gates=gates, kind="rkl", beta=0.5,
-                          temperature=1.0, entry_clip=None, ignore_mask=torch.zeros(5, dtype=torch.bool),
+                          temperature=1.0, entry_clip=None, mask=torch.ones(5, dtype=torch.bool),
                           reduction="mean")
     torch.testing.assert_close(w.grad, want[2], rtol=1e-10, atol=1e-12)
 
 
 def test_partial_and_no_grad_paths():
     x, w, xt, _, gates, ignore = make_case(6, 6, 23, 2, seed=8)
-    kw = dict(gates=gates, kind="jsd", beta=0.3, entry_clip=0.05, ignore_mask=ignore, backend="cpu")
+    kw = dict(gates=gates, kind="jsd", beta=0.3, entry_clip=0.05, mask=~ignore, backend="cpu")
     xf, wf = x.clone().requires_grad_(), w.clone().requires_grad_()
     full = linear_divergence(xf, wf, xt, **kw)
     (2.5 * full).backward()  # grad_output != 1 must scale the gradients computed in the forward
@@ -298,8 +298,8 @@ def _bad_calls():
         (dict(teacher_hidden=xt[:, :3]), ValueError, r"teacher_hidden.shape\[1\] must equal"),
         (dict(teacher_hidden=xt[:0]), ValueError, r"K >= 1"),
         (dict(teacher_hidden=xt[..., :5]), ValueError, r"teacher_hidden.shape\[2\] must equal"),
-        (dict(teacher_weight=torch.randn(11, 5)), ValueError, r"teacher_weight.shape\[1\] must equal"),
-        (dict(teacher_weight=torch.randn(12, 6)), ValueError, r"teacher_weight.shape\[0\] must equal"),
+        (dict(teacher_head=torch.randn(11, 5)), ValueError, r"teacher_head.shape\[1\] must equal"),
+        (dict(teacher_head=torch.randn(12, 6)), ValueError, r"teacher_head.shape\[0\] must equal"),
         (dict(weight=w.double()), TypeError, r"student_hidden .* and weight .* must have the same dtype"),
         (dict(student_hidden=x.long(), weight=w.long()), TypeError, r"student_hidden must be a floating"),
         (dict(gates=gates[:, :1]), ValueError, r"gates must have shape \[N, K\] = \[4, 2\]"),
@@ -312,8 +312,8 @@ def _bad_calls():
         (dict(temperature=0.0), ValueError, r"temperature must be a positive"),
         (dict(entry_clip=0.0), ValueError, r"entry_clip must be None or a positive"),
         (dict(entry_clip=-0.05), ValueError, r"entry_clip must be None or a positive"),
-        (dict(ignore_mask=torch.zeros(4)), TypeError, r"ignore_mask must be a bool tensor"),
-        (dict(ignore_mask=torch.zeros(3, dtype=torch.bool)), ValueError, r"ignore_mask must have shape \[N\] = \[4\]"),
+        (dict(mask=torch.zeros(4)), TypeError, r"mask must be a bool tensor"),
+        (dict(mask=torch.zeros(3, dtype=torch.bool)), ValueError, r"mask must have shape \[N\] .*= \[4\]"),
         (dict(reduction="avg"), ValueError, r"reduction must be one of"),
         (dict(backend="cuda"), ValueError, r"backend must be one of"),
         (dict(workspace_bytes=0), ValueError, r"workspace_bytes must be a positive int"),
@@ -326,3 +326,15 @@ def _bad_calls():
 def test_bad_arguments_raise(kwargs, exc, msg):
     with pytest.raises(exc, match=msg):
         linear_divergence(**kwargs)
+
+
+def test_deprecated_ignore_mask_and_teacher_weight_keywords_translate():
+    """The old spellings (ignore_mask: True = ignored; teacher_weight) still work, with a DeprecationWarning."""
+    x, w, xt, tw, gates, ignore = make_case(6, 6, 23, 2, seed=4, ht=5)
+    want = linear_divergence(x, w, xt, teacher_head=tw, gates=gates, mask=~ignore, backend="cpu")
+    with pytest.warns(DeprecationWarning, match="ignore_mask"):
+        with pytest.warns(DeprecationWarning, match="teacher_weight"):
+            got = linear_divergence(x, w, xt, teacher_weight=tw, gates=gates, ignore_mask=ignore, backend="cpu")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not both"):
+        linear_divergence(x, w, xt, teacher_head=tw, mask=~ignore, ignore_mask=ignore)

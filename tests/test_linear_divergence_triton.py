@@ -35,7 +35,7 @@ def _small_tiles(monkeypatch):
 def test_float64_matches_reference(kind, beta, k, entry_clip, reduction, temperature):
     x, w, xt, tw, gates, ignore = make_case(5, 6, 37, k, seed=k + 1)
     kw = dict(gates=gates, kind=kind, beta=beta, temperature=temperature, entry_clip=entry_clip,
-              ignore_mask=ignore, reduction=reduction)
+              mask=~ignore, reduction=reduction)
     # 2 rows per chunk: two chunks of the four valid rows
     got = loss_and_grads(ours("triton"), x, w, xt, tw, workspace_bytes=2 * 3 * 37 * 8, **kw)
     want = loss_and_grads(reference_f64, x, w, xt, tw, **kw)
@@ -58,7 +58,7 @@ def test_precision_vs_fp64(dtype, kind, beta, entry_clip, temperature, k):
 def test_default_tiles_agree_with_cpu_backend(monkeypatch):
     monkeypatch.undo()  # the production tile width (one tile for this V)
     x, w, xt, tw, gates, ignore = make_case(4, 8, 45, 2, seed=9, dtype=torch.float32, ht=6)
-    kw = dict(gates=gates, kind="jsd", beta=0.5, temperature=1.1, entry_clip=0.05, ignore_mask=ignore,
+    kw = dict(gates=gates, kind="jsd", beta=0.5, temperature=1.1, entry_clip=0.05, mask=~ignore,
               reduction="mean")
     a = loss_and_grads(ours("triton"), x, w, xt, tw, **kw)
     b = loss_and_grads(ours("cpu"), x, w, xt, tw, **kw)
@@ -72,7 +72,7 @@ def test_all_rows_ignored(reduction):
     x, w, xt, _, gates, _ = make_case(3, 6, 20, 2, seed=2, dtype=torch.float32)
     x = x.clone().requires_grad_()
     w = w.clone().requires_grad_()
-    out = linear_divergence(x, w, xt, gates=gates, ignore_mask=torch.ones(3, dtype=torch.bool), reduction=reduction,
+    out = linear_divergence(x, w, xt, gates=gates, mask=torch.zeros(3, dtype=torch.bool), reduction=reduction,
                             backend="triton")
     assert not out.isnan().any() and bool((out == 0).all())
     out.sum().backward()

@@ -7,7 +7,7 @@ import torch
 
 from sgsd_fast.models import tiny_random_model, tiny_tokenizer
 from sgsd_fast.prompts import ANSWER_FORMAT, render_prompt, student_messages
-from sgsd_fast.train.rollout import HFRolloutEngine, RolloutBatch
+from sgsd_fast.rollout import HFRolloutEngine, RolloutBatch
 
 PROMPTS = [
     "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n",

@@ -8,7 +8,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from sgsd_fast.losses import sgsd_gated_loss
+from sgsd_fast.ops import sgsd_gated_loss
 
 LOG2 = math.log(2.0)
 

@@ -11,8 +11,7 @@ import weakref
 import pytest
 import torch
 
-from sgsd_fast.losses import sgsd_gated_loss
-from sgsd_fast.ops import sgsd_loss, teacher_logprobs
+from sgsd_fast.ops import sgsd_gated_loss, sgsd_loss, teacher_logprobs
 
 BACKENDS = ["reference", "auto"]
 B, T, H, V = 3, 11, 16, 97

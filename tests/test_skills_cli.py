@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from sgsd_fast.cli import main as top_main
+from sgsd_fast.commands import main as top_main
 from sgsd_fast.skills import SkillBank, starter_bank_path
-from sgsd_fast.skills.cli import load_build_problems, main
+from sgsd_fast.commands.skills import load_build_problems, main
 
 
 @pytest.fixture()

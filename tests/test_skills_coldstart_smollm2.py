@@ -7,7 +7,7 @@ import pytest
 
 import sgsd_fast.models
 from sgsd_fast.skills import SkillBank, build_bank
-from sgsd_fast.skills.cli import load_build_problems, main
+from sgsd_fast.commands.skills import load_build_problems, main
 
 
 def _never(*_args):

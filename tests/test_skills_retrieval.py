@@ -9,8 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from sgsd_fast.prompts import ANSWER_FORMAT
-from sgsd_fast.skills import Retriever, SkillBank, SkillItem, TeacherContext, make_encoder, teacher_messages
+from sgsd_fast.skills import Retriever, SkillBank, SkillItem, make_encoder
 from sgsd_fast.skills.encoders import Encoder, TfidfEncoder, tokenize
 
 
@@ -212,23 +211,6 @@ def test_policy_encoder_mean_pools_without_padding_leakage():
     assert batched.shape == (2, model.config.hidden_size)
     assert np.linalg.norm(batched, axis=1) == pytest.approx([1.0, 1.0], abs=1e-5)
     assert batched[0] == pytest.approx(alone[0], abs=1e-5)
-
-
-def test_teacher_messages_layout():
-    ctx = TeacherContext(skill("Draw a picture"), mistake("Forgetting a quantity"), 0.5)
-    (message,) = teacher_messages("How many apples?", ctx)
-    text = message["content"]
-    assert message["role"] == "user"
-    for value in [*ctx.skill.fields.values(), *ctx.mistake.fields.values()]:
-        assert value in text
-    assert "quote" in text and "soft guidance" in text
-    assert text.index("Draw a picture") < text.index("Forgetting a quantity") < text.index("How many apples?")
-    assert text.endswith("How many apples?\n\n" + ANSWER_FORMAT)
-
-    only_mistake = teacher_messages("Q?", TeacherContext(None, mistake("Forgetting a quantity"), 1.0))[0]["content"]
-    assert "Forgetting a quantity" in only_mistake and "technique" not in only_mistake
-    with pytest.raises(ValueError, match="neither a skill nor a mistake"):
-        teacher_messages("Q?", TeacherContext(None, None, 1.0))
 
 
 def test_sentence_transformers_encoder_explains_missing_package():

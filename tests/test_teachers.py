@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from sgsd_fast.models import tiny_random_model, tiny_tokenizer
-from sgsd_fast.train.teachers import (IGNORE_INDEX, TeacherPool, TeacherWeights, TokenMasker, pack,
-                                      retrieve_contexts)
+from sgsd_fast.ops import IGNORE_INDEX
+from sgsd_fast.train.batch import TokenMasker, completion_targets, pack
+from sgsd_fast.train.teachers import TeacherParams, TeacherPool, retrieve_contexts
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -48,6 +49,7 @@ def test_pack_layout_positions_and_targets(tok):
     assert b.position_ids[0, :5].tolist() == [0, 1, 2, 3, 4]
     assert b.position_ids[1, 2:6].tolist() == [0, 1, 2, 3]
     assert b.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    assert torch.equal(completion_targets(completions, 3), b.targets)
 
 
 def test_pack_rejects_bad_input():
@@ -76,6 +78,26 @@ def test_teacher_scores_equal_unpadded_forward(tok, model):
     # micro-batching does not change the numbers
     torch.testing.assert_close(TeacherPool(model, tok, micro_batch_size=8).score(teacher_prompts, completions, 5),
                                out, atol=1e-5, rtol=1e-5)
+
+
+def test_teacher_scores_go_through_the_benchmarked_op(tok, model, monkeypatch):
+    """TeacherPool.score is ops.teacher_logprobs fed a generator of K [mb, T, H] teacher states per micro-batch."""
+    from sgsd_fast.train import teachers as teachers_module
+
+    calls = []
+    real = teachers_module.teacher_logprobs
+
+    def spy(hidden, weight, targets, **kw):
+        assert not isinstance(hidden, torch.Tensor)  # lazily produced, one teacher alive at a time
+        out = real(hidden, weight, targets, **kw)
+        calls.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(teachers_module, "teacher_logprobs", spy)
+    completions = [ids(tok, "12"), ids(tok, "7"), ids(tok, "345")]
+    prompts = [[ids(tok, "A: 1+1="), ids(tok, "B: 1+1=")] for _ in completions]
+    out = TeacherPool(model, tok, micro_batch_size=2).score(prompts, completions, length=3)
+    assert calls == [(2, 2, 3), (1, 2, 3)] and out.shape == (3, 2, 3)
 
 
 def test_token_mask_rules(tok):
@@ -107,8 +129,8 @@ def test_retrieve_contexts_pads_with_zero_weight():
 
 
 def test_frozen_and_ema_full_weights(model):
-    frozen = TeacherWeights(model, "frozen")
-    ema = TeacherWeights(model, "ema", ema_decay=0.5)
+    frozen = TeacherParams(model, "frozen")
+    ema = TeacherParams(model, "ema", ema_decay=0.5)
     p0 = next(model.parameters()).detach().clone()
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
@@ -117,7 +139,7 @@ def test_frozen_and_ema_full_weights(model):
         torch.testing.assert_close(next(m.parameters()), p0)
     with ema.scoring_model() as m:
         torch.testing.assert_close(next(m.parameters()), p0 + 0.5)
-    with TeacherWeights(model, "live").scoring_model() as m:
+    with TeacherParams(model, "live").scoring_model() as m:
         assert m is model
 
 
@@ -132,11 +154,11 @@ def test_lora_frozen_and_ema_teachers(tok, model):
     with torch.no_grad():
         for p in adapters:
             p.add_(0.05)  # a non-trivial adapter (lora_B starts at 0)
-    frozen = TeacherWeights(peft_model, "frozen")
+    frozen = TeacherParams(peft_model, "frozen")
     with frozen.scoring_model() as m:
         torch.testing.assert_close(m(input_ids=torch.tensor([[5, 6, 7]])).logits, base_logits)
     assert frozen.state_dict() == {}
-    ema = TeacherWeights(peft_model, "ema", ema_decay=0.9)
+    ema = TeacherParams(peft_model, "ema", ema_decay=0.9)
     before = [p.detach().clone() for p in adapters]
     with torch.no_grad():
         for p in adapters:
@@ -148,6 +170,6 @@ def test_lora_frozen_and_ema_teachers(tok, model):
     for p, b in zip(adapters, before):
         torch.testing.assert_close(p, b + 1.0)  # and the student's weights restored after it
     state = ema.state_dict()
-    ema2 = TeacherWeights(peft_model, "ema")
+    ema2 = TeacherParams(peft_model, "ema")
     ema2.load_state_dict(state)
     assert all(torch.equal(state[k], v) for k, v in ema2.state_dict().items())

@@ -13,7 +13,8 @@ import torch
 from sgsd_fast.config import TrainConfig
 from sgsd_fast.models import tiny_random_model, tiny_tokenizer
 from sgsd_fast.train import step as step_module
-from sgsd_fast.train.logging import PLOT_FILE, read_metrics
+from sgsd_fast.train.objectives import sgsd as sgsd_objective
+from sgsd_fast.train.metrics import PLOT_FILE, read_metrics
 from sgsd_fast.train.teachers import TeacherPool
 from sgsd_fast.train.trainer import Trainer
 from sgsd_fast.verify import Verifier, VerifyResult
@@ -154,17 +155,17 @@ class ForcedAnswerVerifier:
 
 
 def test_nan_loss_is_skipped_and_verifier_timeouts_are_counted(tmp_path, bank_file, tok, monkeypatch):
-    from test_trainer_hangcheck import hang_check
+    from hangcheck_helper import hang_check
 
     calls = {"n": 0}
-    real_loss = step_module.sgsd_loss
+    real_loss = sgsd_objective.sgsd_loss
 
     def nan_on_first_step(*args, **kwargs):
         loss, metrics = real_loss(*args, **kwargs)
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] == 1 else loss), metrics  # step 1 stops at its first NaN
 
-    monkeypatch.setattr(step_module, "sgsd_loss", nan_on_first_step)
+    monkeypatch.setattr(sgsd_objective, "sgsd_loss", nan_on_first_step)
     model = new_model(tok)
     snapshots = []
     real_step = Trainer.train_step
@@ -195,7 +196,7 @@ def test_baseline_methods_one_step(tmp_path, bank_file, verifier, tok, method):
     model = new_model(tok)
     before = [p.detach().clone() for p in model.parameters()]
     cfg = make_cfg(tmp_path / "run", bank_file, method=method, max_steps=1, eval_at_start=False,
-                   teacher_weights="frozen" if method == "opsd" else "live")
+                   teacher_params="frozen" if method == "opsd" else "live")
     with Trainer(cfg, model=model, tokenizer=tok, verifier=verifier, log=lambda s: None) as trainer:
         trainer.train()
         assert trainer.bank is None  # no skill bank for answer-conditioned teachers
@@ -205,7 +206,8 @@ def test_baseline_methods_one_step(tmp_path, bank_file, verifier, tok, method):
 
 
 def test_train_and_eval_commands(tmp_path, bank_file, tok):
-    from sgsd_fast.train import cli, cli_eval
+    from sgsd_fast.commands import eval as cli_eval
+    from sgsd_fast.commands import train as cli
 
     model_dir = tmp_path / "tiny"
     new_model(tok).save_pretrained(model_dir)
@@ -225,3 +227,43 @@ def test_train_and_eval_commands(tmp_path, bank_file, tok):
     assert cli_eval.main(["--checkpoint", str(run / "checkpoint-2"), "--output", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["eval/num_problems"] == 2 and 0.0 <= result["eval/accuracy"] <= 1.0
+
+
+class AlternatingVerifier:
+    """Rewards 1, 0, 1, 0, ... so each GRPO group of two holds a success and a failure (a learning signal)."""
+
+    def score(self, completions, answers) -> VerifyResult:
+        return VerifyResult(rewards=[float(i % 2 == 0) for i in range(len(completions))],
+                            extracted=[None] * len(completions))
+
+
+def test_grpo_end_to_end(tmp_path, bank_file, tok, monkeypatch):
+    """GRPO: num_generations adjacent rollouts per problem, sampled independently; no teacher, no skill bank."""
+    from sgsd_fast.rollout import HFRolloutEngine
+
+    batches = []
+    real_generate = HFRolloutEngine.generate
+
+    def spy(self, prompts, **kw):
+        out = real_generate(self, prompts, **kw)
+        batches.append((list(prompts), out.completion_ids))
+        return out
+
+    monkeypatch.setattr(HFRolloutEngine, "generate", spy)
+    monkeypatch.setattr(TeacherPool, "score", lambda *a: pytest.fail("GRPO must not run a teacher"))
+    model = new_model(tok)
+    before = [p.detach().clone() for p in model.parameters()]
+    cfg = make_cfg(tmp_path / "run", bank_file, method="grpo", num_generations=2, prompts_per_step=2, max_steps=2,
+                   eval_at_start=False, eval_every=0, temperature=1.0)
+    with Trainer(cfg, model=model, tokenizer=tok, verifier=AlternatingVerifier(), log=lambda s: None) as trainer:
+        trainer.train()
+        assert trainer.teachers is None and trainer.bank is None
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval_step" not in r]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["skipped"] == 0 for r in rows)
+    assert all(r["num_teachers"] == 0 and r["loss/zero_advantage_frac"] == 0.0 for r in rows)
+    train_batches = [b for b in batches if len(b[0]) == 4]  # the eval's greedy batches have 2 prompts
+    assert len(train_batches) == 2
+    for prompts, completions in train_batches:
+        assert prompts[0] == prompts[1] and prompts[2] == prompts[3] and prompts[1] != prompts[2]
+    assert any(c[0] != c[1] or c[2] != c[3] for _, c in train_batches)  # a group's rollouts differ
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -13,10 +13,10 @@ from sgsd_fast.config import ConfigError
 from sgsd_fast.models import tiny_tokenizer
 from sgsd_fast.skills import SkillBank
 from sgsd_fast.train import checkpoint as ckpt_module
-from sgsd_fast.train import step as step_module
+from sgsd_fast.train.objectives import sgsd as sgsd_objective
 from sgsd_fast.train import trainer as trainer_module
 from sgsd_fast.train.checkpoint import CheckpointSaveError, list_checkpoints
-from sgsd_fast.train.logging import read_metrics
+from sgsd_fast.train.metrics import read_metrics
 from sgsd_fast.train.trainer import Trainer, TrainingDiverged
 from sgsd_fast.verify import Verifier
 
@@ -108,13 +108,13 @@ def test_resume_with_a_changed_method_fails_before_the_model_loads(tmp_path, ban
 
 def test_consecutive_skipped_steps_stop_the_run_without_saving(tmp_path, bank_file, tok, verifier,  # noqa: F811
                                                                monkeypatch):
-    real_loss = step_module.sgsd_loss
+    real_loss = sgsd_objective.sgsd_loss
 
     def nan_loss(*args, **kwargs):
         loss, metrics = real_loss(*args, **kwargs)
         return loss * float("nan"), metrics
 
-    monkeypatch.setattr(step_module, "sgsd_loss", nan_loss)
+    monkeypatch.setattr(sgsd_objective, "sgsd_loss", nan_loss)
     cfg = make_cfg(tmp_path / "run", bank_file, max_steps=5, save_every=1, eval_at_start=False,
                    max_consecutive_skipped_steps=2)
     with pytest.raises(TrainingDiverged, match=r"step 2: the last 2 steps were all skipped .*"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sgsd_fast.config import TrainConfig
-from sgsd_fast.train.logging import read_metrics
+from sgsd_fast.train.metrics import read_metrics
 from sgsd_fast.train.teachers import TeacherPool
 from sgsd_fast.train.trainer import Trainer
 
@@ -40,7 +40,7 @@ def test_one_sgsd_step_on_smollm2(smollm2, tmp_path, monkeypatch, one_thread):
     cfg = TrainConfig(max_steps=1, prompts_per_step=2, max_new_tokens=6, num_teachers=2, micro_batch_size=2,
                       num_train_problems=8, num_eval_problems=1, eval_at_start=False, eval_max_new_tokens=2,
                       builtin_levels=[1], output_dir=str(tmp_path), save_every=0, learning_rate=1e-4,
-                      warmup_steps=0, deadzone=0.0, optim="adamw_torch", teacher_weights="live", progress=False,
+                      warmup_steps=0, deadzone=0.0, optim="adamw_torch", teacher_params="live", progress=False,
                       report_to="none")
     with Trainer(cfg, model=model, tokenizer=tokenizer, verifier=NoAnswerVerifier(), log=lambda s: None) as trainer:
         summary = trainer.train()

@@ -1,4 +1,5 @@
-"""The update step: gradient accumulation equals the full-batch gradient, clipping, schedule, optimizers."""
+"""The update step: gradient accumulation equals the full-batch gradient for every objective, clipping,
+schedule, optimizers."""
 from __future__ import annotations
 
 import copy
@@ -8,8 +9,14 @@ import torch
 
 from sgsd_fast.config import TrainConfig
 from sgsd_fast.models import tiny_random_model, tiny_tokenizer
+from sgsd_fast.train.batch import TokenMasker
+from sgsd_fast.train.objectives import get_objective
+from sgsd_fast.train.objectives.grpo import GRPOPayload
+from sgsd_fast.train.objectives.opsd import OPSDPayload
+from sgsd_fast.train.objectives.sampled_rkl import SampledRKLPayload
+from sgsd_fast.train.objectives.sgsd import SGSDPayload
 from sgsd_fast.train.step import StepInputs, build_optimizer, build_scheduler, lr_factor, update_step
-from sgsd_fast.train.teachers import TeacherPool, TokenMasker
+from sgsd_fast.train.teachers import TeacherPool
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,26 +46,31 @@ class GradCapture(torch.optim.SGD):
         self.grads = [p.grad.detach().clone() for g in self.param_groups for p in g["params"]]
 
 
+def payload(setup, method: str):
+    return {"sgsd": lambda: SGSDPayload(teacher_logp=setup["teacher_logp"],
+                                        teacher_weights=torch.tensor([[0.6, 0.4]] * 4)),
+            "sampled_rkl": lambda: SampledRKLPayload(teacher_logp=setup["single_logp"][:, 0]),
+            "opsd": lambda: OPSDPayload(teacher_hidden=setup["hidden"][0], teacher_head=setup["hidden"][1]),
+            "grpo": lambda: GRPOPayload(advantages=torch.tensor([1.0, -1.0, 0.5, -0.5]))}[method]()
+
+
 def sgd_delta(setup, method: str, micro: int, max_grad_norm: float = 0.0) -> list[torch.Tensor]:
     """The gradients one update step hands to the optimizer, and the step's result."""
     model = copy.deepcopy(setup["model"])
     cfg = TrainConfig(method=method, micro_batch_size=micro, max_grad_norm=max_grad_norm, deadzone=0.0,
-                      warmup_steps=0, learning_rate=1.0)
+                      warmup_steps=0, learning_rate=1.0, num_generations=2)
     opt = GradCapture(model.parameters(), lr=1.0)
     sched = build_scheduler(opt, cfg)
-    extra = {"sgsd": dict(teacher_logp=setup["teacher_logp"], teacher_weights=torch.tensor([[0.6, 0.4]] * 4)),
-             "sampled_rkl": dict(teacher_logp=setup["single_logp"]),
-             "opsd": dict(teacher_hidden=setup["hidden"][0], teacher_head=setup["hidden"][1])}[method]
     mask = setup["mask"] if method == "sgsd" else setup["mask"] | torch.tensor(
         [[j < len(c) for j in range(setup["length"])] for c in setup["completions"]])
     inp = StepInputs(prompt_ids=setup["prompts"], completion_ids=setup["completions"], mask=mask,
-                     rewards=torch.tensor([1.0, 0.0, 1.0, 0.0]), **extra)
-    result = update_step(model, opt, sched, inp, cfg, pad_id=setup["tok"].pad_token_id)
+                     rewards=torch.tensor([1.0, 0.0, 1.0, 0.0]), payload=payload(setup, method))
+    result = update_step(model, opt, sched, get_objective(method)(cfg), inp, cfg, pad_id=setup["tok"].pad_token_id)
     assert not result.skipped and result.grad_norm > 0
     return opt.grads, result
 
 
-@pytest.mark.parametrize("method", ["sgsd", "sampled_rkl", "opsd"])
+@pytest.mark.parametrize("method", ["sgsd", "sampled_rkl", "opsd", "grpo"])
 def test_accumulated_gradient_equals_full_batch(setup, method):
     full, r_full = sgd_delta(setup, method, micro=4)
     accumulated, r_acc = sgd_delta(setup, method, micro=1)
@@ -108,8 +120,10 @@ def test_non_finite_teacher_scores_skip_the_step(setup):
     bad = setup["teacher_logp"].clone()
     bad[1, 0, 0] = float("nan")
     inp = StepInputs(prompt_ids=setup["prompts"], completion_ids=setup["completions"], mask=setup["mask"],
-                     rewards=torch.zeros(4), teacher_logp=bad, teacher_weights=torch.tensor([[0.5, 0.5]] * 4))
-    result = update_step(model, opt, sched, inp, cfg, pad_id=setup["tok"].pad_token_id)
+                     rewards=torch.zeros(4),
+                     payload=SGSDPayload(teacher_logp=bad, teacher_weights=torch.tensor([[0.5, 0.5]] * 4)))
+    result = update_step(model, opt, sched, get_objective(cfg.method)(cfg), inp, cfg,
+                         pad_id=setup["tok"].pad_token_id)
     assert result.skipped and result.loss != result.loss  # NaN
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert sched.last_epoch == 1  # the schedule still advances: it is a function of the step index

@@ -149,7 +149,7 @@ def naive_step(model: torch.nn.Module, opt: torch.optim.Optimizer, b: StepBatch)
         student_logsm = torch.log_softmax(student_logits.float(), -1)
         terms = naive.gated_terms(naive.gather_ids(student_logsm, b.targets),
                                   naive.gather_ids(teacher_logsm, b.targets)[:, None], b.mask,
-                                  b.teacher_weights[:, k : k + 1], b.rewards)
+                                  b.rewards, b.teacher_weights[:, k : k + 1])
         loss_k = terms.sum() / b.targets.shape[0]
         loss_k.backward()
         total += float(loss_k.detach())

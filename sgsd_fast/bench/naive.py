@@ -17,8 +17,8 @@ def gated_terms(
     student_logp: torch.Tensor,
     teacher_logp: torch.Tensor,
     mask: torch.Tensor,
-    teacher_weights: torch.Tensor,
     rewards: torch.Tensor,
+    teacher_weights: torch.Tensor,
     *,
     tau: float = 1.0,
     clip: float = 3.0,
@@ -26,9 +26,10 @@ def gated_terms(
 ) -> torch.Tensor:
     """Per (rollout, teacher) contribution a_k·ρ_k·(1/N)·Σ_t M_t ℓ_t^k, shape [B, K].
 
-    student_logp [B, T] (with grad), teacher_logp [B, K, T], mask [B, T] bool, teacher_weights
-    [B, K], rewards [B]. The SGSD loss is `gated_terms(...).sum(1).mean()`; a single teacher's
-    slice gives that teacher's share, which is how the per-teacher-row naive step splits it.
+    student_logp [B, T] (with grad), teacher_logp [B, K, T], mask [B, T] bool, rewards [B],
+    teacher_weights [B, K] (the argument order of `sgsd_fast.ops.sgsd_gated_loss`). The SGSD loss
+    is `gated_terms(...).sum(1).mean()`; a single teacher's slice gives that teacher's share, which
+    is how the per-teacher-row naive step splits it.
     """
     m = mask.to(student_logp.dtype)[:, None, :]
     delta = teacher_logp.detach().to(student_logp.dtype) - student_logp[:, None, :]
@@ -73,7 +74,7 @@ def naive_sgsd_loss(
         teacher_logsm = full_log_softmax(teacher_hidden, weight, temperature)
         teacher_logp = gather_ids(teacher_logsm, targets.expand(teacher_hidden.shape[0], *targets.shape))
     teacher_logp = teacher_logp.permute(1, 0, 2)
-    return gated_terms(student_logp, teacher_logp, mask, teacher_weights, rewards).sum(1).mean()
+    return gated_terms(student_logp, teacher_logp, mask, rewards, teacher_weights).sum(1).mean()
 
 
 def naive_teacher_logprobs(teacher_hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

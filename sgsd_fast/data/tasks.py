@@ -2,8 +2,10 @@
 
 Difficulty levels (every answer is an integer, so verification is unambiguous):
 
-1. one operation on single digits (``7 + 2``, "has 5, gives away 3") — within reach of a
-   135M-parameter model part of the time;
+1. one addition or subtraction on numbers up to 30 (``17 + 8``, "has 25, gives away 9"); the
+   answer is never 0 — the embedded job's task: SmolLM2-135M with the few-shot ``answer_is``
+   prompt solves about half of it, and its eval split holds ~270 distinct computations, so a
+   200-problem evaluation has a different computation in every problem;
 2. one operation on two-digit numbers, or a single-digit product;
 3. two operations (precedence, buy-then-give-away, share equally, change from a bill);
 4. linear equations ``a·x + b = c`` (also phrased as "think of a number");
@@ -12,7 +14,9 @@ Difficulty levels (every answer is an integer, so verification is unambiguous):
 Train/eval separation is a property of the arithmetic, not of the wording: each problem has a
 canonical key (the operation and its operands) and a stable SHA-256 of that key assigns it to
 exactly one split. The same computation therefore never appears in both splits, whatever
-template, name or object is drawn around it.
+template, name or object is drawn around it. The key travels with the problem
+(`Problem.key`): rewordings of one computation are not independent evidence, so paired
+statistics resample them together, and `distinct_keys=True` draws one problem per computation.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class Problem:
     answer: str
     source: str = ""
     level: int | None = None
+    key: str | None = None  # the underlying computation (built-in task); rewordings share it
 
 
 def canonical_split(key: str) -> str:
@@ -62,27 +67,37 @@ def _signed(value: int) -> str:
 # Level 1 ----------------------------------------------------------------------------------------
 
 
+# Operands of level 1: 1..30 gives 900 sums and 435 differences (b < a, so no answer is 0 and no
+# value dominates); 20 % of them (~270) belong to the eval split.
+_L1_MAX = 30
+
+
+def _l1_pair(rng: random.Random, op: str) -> tuple[int, int]:
+    if op == "add":
+        return rng.randint(1, _L1_MAX), rng.randint(1, _L1_MAX)
+    a = rng.randint(2, _L1_MAX)
+    return a, rng.randint(1, a - 1)
+
+
 def _l1_add(rng: random.Random) -> _Draw:
-    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    a, b = _l1_pair(rng, "add")
     return f"What is {a} + {b}?", a + b, f"add:{a},{b}"
 
 
 def _l1_sub(rng: random.Random) -> _Draw:
-    a = rng.randint(2, 9)
-    b = rng.randint(1, a)
+    a, b = _l1_pair(rng, "sub")
     return f"What is {a} - {b}?", a - b, f"sub:{a},{b}"
 
 
 def _l1_story_add(rng: random.Random) -> _Draw:
-    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    a, b = _l1_pair(rng, "add")
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     question = f"{name} has {a} {item}. {name} gets {b} more {item}. How many {item} does {name} have now?"
     return question, a + b, f"add:{a},{b}"
 
 
 def _l1_story_sub(rng: random.Random) -> _Draw:
-    a = rng.randint(2, 9)
-    b = rng.randint(1, a)
+    a, b = _l1_pair(rng, "sub")
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     question = f"{name} has {a} {item} and gives away {b} of them. How many {item} does {name} have left?"
     return question, a - b, f"sub:{a},{b}"
@@ -255,10 +270,13 @@ def generate_problems(
     seed: int,
     split: str = "train",
     levels: Sequence[int] = (1, 2, 3),
+    distinct_keys: bool = False,
 ) -> list[Problem]:
     """Generate `n` distinct problems of the given split, spread evenly over `levels`.
 
-    Deterministic in ``(n, seed, split, levels)``. Problems of the train and eval splits never
+    With ``distinct_keys=True`` no two problems share an underlying computation (an evaluation
+    set whose every problem is independent evidence); otherwise only the questions are distinct.
+    Deterministic in ``(n, seed, split, levels, distinct_keys)``. Problems of the train and eval splits never
     share a canonical computation (see module docstring), for any seeds. Questions within one
     call are distinct. Problem ids are content hashes, so the same problem has the same id in
     every run.
@@ -273,6 +291,8 @@ def generate_problems(
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
     levels = _check_levels(levels)
+    if not isinstance(distinct_keys, bool):
+        raise TypeError(f"distinct_keys must be a bool, got {distinct_keys!r}")
 
     rng = random.Random(f"sgsd_fast.builtin:{seed}:{split}")
     seen: set[str] = set()
@@ -281,15 +301,16 @@ def generate_problems(
         level = levels[i % len(levels)]
         for _ in range(_MAX_DRAWS_PER_PROBLEM):
             question, answer, key = rng.choice(LEVELS[level])(rng)
-            if question not in seen and canonical_split(key) == split:
+            if question not in seen and canonical_split(key) == split and not (distinct_keys and key in seen):
                 break
         else:
+            what = "computations" if distinct_keys else "problems"
             raise ValueError(
-                f"could not draw {n} distinct level-{level} problems for split {split!r}; request fewer"
+                f"could not draw {n} distinct level-{level} {what} for split {split!r}; request fewer"
             )
-        seen.add(question)
+        seen.update((question, key))
         digest = hashlib.sha256(question.encode("utf-8")).hexdigest()[:12]
         problem_id = f"builtin-L{level}-{digest}"
-        problems.append(Problem(problem_id, question, str(answer), source="builtin", level=level))
+        problems.append(Problem(problem_id, question, str(answer), source="builtin", level=level, key=key))
     rng.shuffle(problems)
     return problems

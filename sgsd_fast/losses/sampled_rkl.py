@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from sgsd_fast.losses import _checks as c
+from sgsd_fast.ops import common as c
 
 
 def sampled_token_rkl(
@@ -56,6 +56,4 @@ def sampled_token_rkl(
             (c.nonfinite_flag(student_logp.detach()), "student_logp must be finite everywhere (NaN or inf found)"),
             (c.nonfinite_flag(teacher_logp.detach()), "teacher_logp must be finite everywhere (NaN or inf found)"),
         ]
-        values = torch.stack([v.to(dt) for v in list(metrics.values()) + [f for f, _ in checks]]).tolist()
-    c.raise_violations([bool(v) for v in values[len(metrics):]], [msg for _, msg in checks])
-    return loss, dict(zip(metrics, values[: len(metrics)]))
+        return loss, c.read_checked(metrics, checks, dt)

@@ -1,30 +1,36 @@
-"""Fused LM-head ops: per-token log-probs and multi-teacher divergences without N x V logits.
+"""Fused LM-head ops: per-token log-probs, multi-teacher divergences and the losses built on them,
+straight from hidden states, without N x V logits.
 
 Public API (backend="auto" picks Triton on CUDA tensors and the C++ extension on CPU tensors;
 backend="reference" is the naive materialized PyTorch oracle):
 
-    linear_logprobs(hidden, weight, targets, ...)            -> logp [N] (fp32)
+    linear_logprobs(hidden, weight, targets, ...)                  -> logp [N] (fp32)
+    teacher_logprobs(teacher_hidden, weight, targets, ...)         -> [B, K, T] (no grad)
     linear_divergence(student_hidden, weight, teacher_hidden, ...) -> loss
-    teacher_logprobs(teacher_hidden, weight, targets, ...)   -> [B, K, T] (no grad)
-    sgsd_loss(student_hidden, weight, targets, teacher_logp, ...) -> (loss, metrics)
+    sgsd_gated_loss(student_logp, teacher_logp, mask, rewards, teacher_weights) -> (loss, metrics)
+    sgsd_loss(student_hidden, weight, targets, teacher_logp, mask, rewards, teacher_weights) -> (loss, metrics)
+    teacher_topk_divergence / student_topk_tail_divergence(student_hidden, weight, teacher_hidden) -> (loss, metrics)
+
+Conventions (`sgsd_fast.ops.common`): ``mask`` is bool with True = counts; targets use
+``ignore_index`` (`IGNORE_INDEX` = -100); math is fp32 (float64 for float64 inputs).
 """
 from __future__ import annotations
 
-import importlib
-
-# Imported eagerly: the submodules share the functions' names, and a lazily imported submodule
-# would shadow the function of the same name. Triton itself is only imported on first Triton use.
+# The submodules share their functions' names; these imports rebind each name to the function.
+from sgsd_fast.ops.common import IGNORE_INDEX, math_dtype
 from sgsd_fast.ops.linear_divergence import linear_divergence
-from sgsd_fast.ops.linear_logprobs import linear_logprobs
+from sgsd_fast.ops.linear_logprobs import linear_logprobs, teacher_logprobs
+from sgsd_fast.ops.sgsd import sgsd_gated_loss, sgsd_loss
+from sgsd_fast.ops.topk import student_topk_tail_divergence, teacher_topk_divergence
 
-# sgsd_loss combines linear_logprobs with sgsd_fast.losses (which imports ops.reference), so it
-# is resolved on first access to keep `import sgsd_fast.losses` free of an import cycle.
-_LAZY = {"teacher_logprobs": "sgsd_fast.ops.sgsd", "sgsd_loss": "sgsd_fast.ops.sgsd"}
-
-__all__ = ["linear_logprobs", "linear_divergence", *_LAZY]
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'sgsd_fast.ops' has no attribute {name!r}")
+__all__ = [
+    "IGNORE_INDEX",
+    "linear_divergence",
+    "linear_logprobs",
+    "math_dtype",
+    "sgsd_gated_loss",
+    "sgsd_loss",
+    "student_topk_tail_divergence",
+    "teacher_logprobs",
+    "teacher_topk_divergence",
+]

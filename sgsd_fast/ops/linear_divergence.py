@@ -1,7 +1,7 @@
 """linear_divergence: gated multi-teacher full-vocabulary divergence straight from hidden states.
 
 For every token t (row of ``student_hidden``) and teacher k, with student logits z = W h_t / T and
-teacher logits y_k = W_T h^k_t / T (W_T = ``teacher_weight``, default ``weight``)::
+teacher logits y_k = W_T h^k_t / T (W_T = ``teacher_head``, default ``weight``)::
 
     loss_t = sum_k g_tk * sum_v min(e_v(t, k), entry_clip)
 
@@ -9,7 +9,7 @@ where e_v is the per-vocabulary summand of forward KL(P_k||Q), reverse KL(Q||P_k
 generalized JSD_beta in the GKD convention (SPEC §6; ``kind="jsd"`` with beta 0 / 1 *is* fkl / rkl)
 and the clip (OPSD's per-entry clip, max only) is skipped when ``entry_clip`` is None. Only the
 student side gets gradients (``student_hidden`` and ``weight``); teachers and gates are constants,
-also when ``teacher_weight`` is ``weight`` itself.
+also when ``teacher_head`` is ``weight`` itself.
 
 How it runs (``backend`` "cpu" = C++ extension, "triton" = CUDA or the Triton interpreter):
 valid rows are compacted, then processed in token chunks whose [C, V] workspaces fit
@@ -40,7 +40,8 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from sgsd_fast.ops import _validate as v
+from sgsd_fast.ops import common as v
+from sgsd_fast.ops.common import math_dtype
 from sgsd_fast.ops.reference import linear_divergence_reference
 
 KINDS = ("fkl", "rkl", "jsd")
@@ -54,16 +55,18 @@ def linear_divergence(
     weight: torch.Tensor,
     teacher_hidden: torch.Tensor,
     *,
-    teacher_weight: torch.Tensor | None = None,
+    teacher_head: torch.Tensor | None = None,
     gates: torch.Tensor | None = None,
     kind: str = "jsd",
     beta: float = 0.5,
     temperature: float = 1.0,
     entry_clip: float | None = None,
-    ignore_mask: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
     reduction: str = "mean",
     backend: str = "auto",
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+    ignore_mask: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gated sum over K teachers of a full-vocabulary divergence, per token, without N x V logits.
 
@@ -71,7 +74,7 @@ def linear_divergence(
         student_hidden: [N, H] final hidden states of the student (gets a gradient).
         weight: [V, H] student lm_head weight (gets a gradient).
         teacher_hidden: [K, N, Ht] teacher hidden states (detached).
-        teacher_weight: [V, Ht] teacher lm_head (detached); None = ``weight`` (self-distillation).
+        teacher_head: [V, Ht] teacher lm_head (detached); None = ``weight`` (self-distillation).
         gates: [N, K] non-negative finite per-token teacher weights (constants); None = 1/K.
         kind: "fkl" (KL(P_T||P_S)), "rkl" (KL(P_S||P_T)) or "jsd" (generalized JSD_beta).
         beta: JSD mixture coefficient in [0, 1]; with kind="jsd", 0 -> fkl and 1 -> rkl.
@@ -79,41 +82,46 @@ def linear_divergence(
         temperature: both sides' logits are divided by it (no T^2 factor).
         entry_clip: if set (> 0), each vocabulary summand is capped at it before the sum (the loss
             can then be negative, as in OPSD).
-        ignore_mask: [N] bool, True = row ignored (loss 0, no gradient, not counted by "mean").
+        mask: [N] bool, True = row counts; False rows get loss 0, no gradient and are not counted
+            by "mean". None = every row counts.
         reduction: "mean" (sum over valid rows / max(1, #valid)), "sum", or "none" ([N] losses).
         backend: "auto" | "triton" | "cpu" | "reference".
         workspace_bytes: bound on the per-chunk [C, V] workspaces (sets the token chunk size).
+        ignore_mask, teacher_weight: deprecated spellings of ``~mask`` and ``teacher_head``
+            (translated, with a DeprecationWarning).
 
     Returns:
         fp32 scalar (fp64 for float64 inputs), or [N] for reduction="none".
 
-    Compacting the valid rows of ``ignore_mask`` costs one host sync; the "mean" normalizer stays
-    on the device.
+    Compacting the valid rows of ``mask`` costs one host sync; the "mean" normalizer stays on the
+    device.
     """
-    _check_args(student_hidden, weight, teacher_hidden, teacher_weight, gates, kind, beta, temperature,
-                entry_clip, ignore_mask, reduction, workspace_bytes)
+    teacher_head = v.renamed("linear_divergence", "teacher_head", teacher_head, "teacher_weight", teacher_weight)
+    mask = v.row_mask("linear_divergence", mask, ignore_mask)
+    _check_args(student_hidden, weight, teacher_hidden, teacher_head, gates, kind, beta, temperature,
+                entry_clip, mask, reduction, workspace_bytes)
     backend = v.resolve_backend(backend, student_hidden.device)
     if backend == "reference":
         out = linear_divergence_reference(
-            student_hidden, weight, teacher_hidden, teacher_weight=teacher_weight, gates=gates, kind=kind,
-            beta=beta, temperature=temperature, entry_clip=entry_clip, ignore_mask=ignore_mask, reduction=reduction)
+            student_hidden, weight, teacher_hidden, teacher_head=teacher_head, gates=gates, kind=kind,
+            beta=beta, temperature=temperature, entry_clip=entry_clip, mask=mask, reduction=reduction)
         return out if out.dtype == torch.float64 else out.float()
 
     n, k = student_hidden.shape[0], teacher_hidden.shape[0]
-    md = _math_dtype(student_hidden)
+    md = math_dtype(student_hidden)
     if gates is None:
         gates = torch.full((n, k), 1.0 / k, dtype=md, device=student_hidden.device)
     if kind == "jsd" and beta in (0.0, 1.0):
         kind = "fkl" if beta == 0.0 else "rkl"
-    if ignore_mask is None:
+    if mask is None:
         valid_idx, norm = None, torch.tensor(float(max(n, 1)), dtype=md, device=student_hidden.device)
     else:
-        valid_idx = torch.nonzero(~ignore_mask).squeeze(1)
-        norm = (~ignore_mask).sum().clamp(min=1).to(md)
+        valid_idx = torch.nonzero(mask).squeeze(1)
+        norm = mask.sum().clamp(min=1).to(md)
     cfg = _Config(kind=kind, beta=float(beta), temperature=float(temperature),
                   entry_clip=None if entry_clip is None else float(entry_clip), reduction=reduction,
                   backend=backend, workspace_bytes=int(workspace_bytes))
-    tw = weight if teacher_weight is None else teacher_weight
+    tw = weight if teacher_head is None else teacher_head
     return _LinearDivergence.apply(student_hidden, weight, teacher_hidden, tw, gates, valid_idx, norm, cfg)
 
 
@@ -130,17 +138,17 @@ class _Config:
 
 class _LinearDivergence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student_hidden, weight, teacher_hidden, teacher_weight, gates, valid_idx, norm, cfg):
+    def forward(ctx, student_hidden, weight, teacher_hidden, teacher_head, gates, valid_idx, norm, cfg):
         ctx.cfg = cfg
         ctx.dtypes = (student_hidden.dtype, weight.dtype)
         if cfg.reduction == "none":
             # grad_output is per row: the gradient pass has to wait for it (recompute in backward).
-            per_token, _, _ = _sweep(student_hidden, weight, teacher_hidden, teacher_weight, gates, valid_idx,
+            per_token, _, _ = _sweep(student_hidden, weight, teacher_hidden, teacher_head, gates, valid_idx,
                                      None, cfg, need_x=False, need_w=False)
-            ctx.save_for_backward(student_hidden, weight, teacher_hidden, teacher_weight, gates, valid_idx)
+            ctx.save_for_backward(student_hidden, weight, teacher_hidden, teacher_head, gates, valid_idx)
             return per_token
         row_weight = 1.0 / norm if cfg.reduction == "mean" else None
-        per_token, dx, dw = _sweep(student_hidden, weight, teacher_hidden, teacher_weight, gates, valid_idx,
+        per_token, dx, dw = _sweep(student_hidden, weight, teacher_hidden, teacher_head, gates, valid_idx,
                                    row_weight, cfg, need_x=ctx.needs_input_grad[0], need_w=ctx.needs_input_grad[1])
         ctx.save_for_backward(dx, dw)
         total = per_token.sum()
@@ -153,9 +161,9 @@ class _LinearDivergence(torch.autograd.Function):
         if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
             return (None,) * 8  # only a teacher-side input asked for a gradient; it gets none
         if cfg.reduction == "none":
-            student_hidden, weight, teacher_hidden, teacher_weight, gates, valid_idx = ctx.saved_tensors
-            _, dx, dw = _sweep(student_hidden, weight, teacher_hidden, teacher_weight, gates, valid_idx,
-                               grad_out.to(_math_dtype(student_hidden)), cfg,
+            student_hidden, weight, teacher_hidden, teacher_head, gates, valid_idx = ctx.saved_tensors
+            _, dx, dw = _sweep(student_hidden, weight, teacher_hidden, teacher_head, gates, valid_idx,
+                               grad_out.to(math_dtype(student_hidden)), cfg,
                                need_x=ctx.needs_input_grad[0], need_w=ctx.needs_input_grad[1])
         else:
             dx, dw = ctx.saved_tensors
@@ -167,10 +175,6 @@ class _LinearDivergence(torch.autograd.Function):
         return dx, dw, None, None, None, None, None, None
 
 
-def _math_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _gemm_dtype(t: torch.Tensor) -> torch.dtype:
     """Operand dtype of the GEMMs: bf16/fp16 stay low precision only where the GEMM can write fp32
     directly (CUDA sm80+); elsewhere operands are upcast once, since rounding logits to bf16
@@ -178,7 +182,7 @@ def _gemm_dtype(t: torch.Tensor) -> torch.dtype:
     if (t.device.type == "cuda" and t.dtype in (torch.bfloat16, torch.float16)
             and torch.cuda.get_device_capability(t.device)[0] >= 8):
         return t.dtype
-    return _math_dtype(t)
+    return math_dtype(t)
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -196,13 +200,13 @@ def _rows(t: torch.Tensor, idx: torch.Tensor | None, c0: int, c1: int) -> torch.
     return t[c0:c1] if idx is None else t.index_select(0, idx[c0:c1])
 
 
-def _sweep(student_hidden, weight, teacher_hidden, teacher_weight, gates, valid_idx, row_weight, cfg: _Config,
+def _sweep(student_hidden, weight, teacher_hidden, teacher_head, gates, valid_idx, row_weight, cfg: _Config,
            *, need_x: bool, need_w: bool):
     """Per-row losses [N] and, if asked, dL/dX [N, H] and dL/dW [V, H] (math dtype) of
     sum_t row_weight_t * loss_t, where row_weight is None (= 1), a scalar tensor or an [N] tensor."""
     ops = _row_ops(cfg.backend)
     dev = student_hidden.device
-    md = _math_dtype(student_hidden)
+    md = math_dtype(student_hidden)
     n, h = student_hidden.shape
     vocab = weight.shape[0]
     k = teacher_hidden.shape[0]
@@ -216,7 +220,7 @@ def _sweep(student_hidden, weight, teacher_hidden, teacher_weight, gates, valid_
 
     gd = _gemm_dtype(student_hidden)
     w_s = weight.detach().to(gd)
-    w_t = w_s if _same_tensor(teacher_weight, weight) else teacher_weight.detach().to(gd)
+    w_t = w_s if _same_tensor(teacher_head, weight) else teacher_head.detach().to(gd)
     w_s_t, w_t_t = w_s.t(), w_t.t()
     # z_s, z_t (+ the gradient accumulator, + its low-precision copy for the CUDA half GEMMs)
     row_bytes = (3 if need_grad else 2) * vocab * torch.finfo(md).bits // 8
@@ -304,8 +308,8 @@ def _row_ops(backend: str):
     return _CppRowOps
 
 
-def _check_args(student_hidden, weight, teacher_hidden, teacher_weight, gates, kind, beta, temperature, entry_clip,
-                ignore_mask, reduction, workspace_bytes) -> None:
+def _check_args(student_hidden, weight, teacher_hidden, teacher_head, gates, kind, beta, temperature, entry_clip,
+                mask, reduction, workspace_bytes) -> None:
     v.check_tensor("student_hidden", student_hidden, 2, "[N, H]")
     v.check_tensor("weight", weight, 2, "[V, H]")
     v.check_tensor("teacher_hidden", teacher_hidden, 3, "[K, N, Ht]")
@@ -320,14 +324,14 @@ def _check_args(student_hidden, weight, teacher_hidden, teacher_weight, gates, k
         raise ValueError(f"teacher_hidden must have shape [K, N, Ht] with K >= 1 teachers, got "
                          f"{tuple(teacher_hidden.shape)}")
     v.check_dim("teacher_hidden", teacher_hidden, 1, n, "student_hidden.shape[0] (N)")
-    if teacher_weight is None:
+    if teacher_head is None:
         v.check_dim("teacher_hidden", teacher_hidden, 2, h,
-                    "weight.shape[1] (H; pass teacher_weight [V, Ht] for a teacher of another width)")
+                    "weight.shape[1] (H; pass teacher_head [V, Ht] for a teacher of another width)")
     else:
-        v.check_tensor("teacher_weight", teacher_weight, 2, "[V, Ht]")
-        v.check_same_dtype("student_hidden", student_hidden, "teacher_weight", teacher_weight)
-        v.check_dim("teacher_weight", teacher_weight, 0, weight.shape[0], "weight.shape[0] (V)")
-        v.check_dim("teacher_weight", teacher_weight, 1, teacher_hidden.shape[2], "teacher_hidden.shape[2] (Ht)")
+        v.check_tensor("teacher_head", teacher_head, 2, "[V, Ht]")
+        v.check_same_dtype("student_hidden", student_hidden, "teacher_head", teacher_head)
+        v.check_dim("teacher_head", teacher_head, 0, weight.shape[0], "weight.shape[0] (V)")
+        v.check_dim("teacher_head", teacher_head, 1, teacher_hidden.shape[2], "teacher_hidden.shape[2] (Ht)")
     if gates is not None:
         v.check_tensor("gates", gates, 2, "[N, K]")
         v.check_float("gates", gates)
@@ -336,14 +340,10 @@ def _check_args(student_hidden, weight, teacher_hidden, teacher_weight, gates, k
                              f"got {tuple(gates.shape)}")
         if gates.requires_grad:
             raise ValueError("gates are constants of this op (no gradient flows to them); pass gates.detach()")
-    if ignore_mask is not None:
-        v.check_tensor("ignore_mask", ignore_mask, 1, "[N]")
-        if ignore_mask.dtype != torch.bool:
-            raise TypeError(f"ignore_mask must be a bool tensor of shape [N] (True = ignored), got {ignore_mask.dtype}")
-        if ignore_mask.shape[0] != n:
-            raise ValueError(f"ignore_mask must have shape [N] = [{n}], got {tuple(ignore_mask.shape)}")
+    if mask is not None:
+        v.check_bool_mask("mask", mask, (n,), "[N] (True = row counts)")
     v.check_same_device(student_hidden=student_hidden, weight=weight, teacher_hidden=teacher_hidden,
-                        teacher_weight=teacher_weight, gates=gates, ignore_mask=ignore_mask)
+                        teacher_head=teacher_head, gates=gates, mask=mask)
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if not _is_real(beta) or not 0.0 <= beta <= 1.0:

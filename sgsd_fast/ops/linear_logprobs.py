@@ -1,4 +1,4 @@
-"""linear_logprobs: log p(target) per row straight from hidden states and the lm_head weight.
+"""linear_logprobs and teacher_logprobs: log p(target) per row straight from hidden states and the lm_head.
 
 Using linear_logprobs::
 
@@ -29,11 +29,13 @@ extension sgsd_fast._C), "reference" (naive materialized PyTorch, sgsd_fast.ops.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from sgsd_fast.ops import _validate as v
+from sgsd_fast.ops import common as v
+from sgsd_fast.ops.common import IGNORE_INDEX, math_dtype
 from sgsd_fast.ops.reference import linear_logprobs_reference
 
 # Default byte budget of the logit workspace. On CPU, 32 MiB is a ~2900 x 2900 fp32 block: BLAS
@@ -45,22 +47,18 @@ DEFAULT_WORKSPACE_BYTES = {"cpu": 32 << 20, "cuda": 256 << 20}
 _MAX_VOCAB_TILE = 8192
 
 
-def _math_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _cpu_blocks(vocab: int, dtype: torch.dtype, budget: int) -> tuple[int, int]:
     """(chunk_rows, vocab_tile) of a roughly square math-dtype logit block of at most `budget` bytes."""
-    elem_bytes = torch.finfo(_math_dtype(dtype)).bits // 8
+    elem_bytes = torch.finfo(math_dtype(dtype)).bits // 8
     tile = max(1, min(vocab, _MAX_VOCAB_TILE, math.isqrt(max(1, budget // elem_bytes))))
     return max(1, budget // (elem_bytes * tile)), tile
 
 
 def _triton_chunk_rows(vocab: int, weight_dtype: torch.dtype, budget: int) -> int:
     """Rows of the [rows, V] dz workspace (fp32, plus its cast copy for half weights) in `budget`."""
-    math_dtype = _math_dtype(weight_dtype)
-    per_row = vocab * torch.finfo(math_dtype).bits // 8
-    if weight_dtype != math_dtype:
+    md = math_dtype(weight_dtype)
+    per_row = vocab * torch.finfo(md).bits // 8
+    if weight_dtype != md:
         per_row += vocab * torch.finfo(weight_dtype).bits // 8
     return max(1, budget // max(1, per_row))
 
@@ -104,7 +102,7 @@ class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, ignore_index, backend, with_entropy, budget):
         n = hidden.shape[0]
-        math_dtype = _math_dtype(hidden.dtype)
+        md = math_dtype(hidden.dtype)
         valid = targets != ignore_index
         # Compacting the valid rows costs one host sync and an [N_valid, H] copy, and saves every
         # GEMM FLOP that ignored rows (prompt, padding) would otherwise pay.
@@ -115,7 +113,7 @@ class _LinearLogprobs(torch.autograd.Function):
             logp, lse, entropy = _forward_rows(h, weight, t, temperature, with_entropy, backend, budget)
         else:
             # Three distinct tensors: marking lse/entropy non-differentiable must not touch logp.
-            logp, lse, entropy = (torch.empty(0, dtype=math_dtype, device=hidden.device) for _ in range(3))
+            logp, lse, entropy = (torch.empty(0, dtype=md, device=hidden.device) for _ in range(3))
         if rows is not None:
             logp, lse = _scatter_rows(logp, rows, n), _scatter_rows(lse, rows, n)
             entropy = _scatter_rows(entropy, rows, n) if with_entropy else None
@@ -153,7 +151,7 @@ def linear_logprobs(
     targets: torch.Tensor,
     *,
     temperature: float = 1.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     backend: str = "auto",
     return_lse: bool = False,
     return_entropy: bool = False,
@@ -204,3 +202,91 @@ def linear_logprobs(
     if return_lse or return_entropy:
         return logp, (lse if return_lse else None), (entropy if return_entropy else None)
     return logp
+
+
+@torch.no_grad()
+def teacher_logprobs(
+    teacher_hidden: torch.Tensor | Iterable[torch.Tensor],
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+    backend: str = "auto",
+    num_teachers: int | None = None,
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of `targets` under K teachers, [B, K, T], without gradient (SPEC §3: teachers need
+    only the forward, each reduced at once to one log-prob per token).
+
+    Args:
+        teacher_hidden: a [K, B, T, H] tensor (scored in one op call), or an iterable of K
+            [B, T, H] tensors, e.g. a generator running the teacher forwards lazily: each is reduced
+            to [B, T] at once and dropped before the next one is requested, so only one teacher's
+            hidden states are alive at a time. This is how the trainer's `TeacherPool.score` calls it.
+        weight: [V, H] lm_head weight of the teachers.
+        targets: [B, T] integer ids; positions equal to ignore_index give 0.
+        temperature, ignore_index, backend: as in `linear_logprobs`.
+        num_teachers: if given, K must equal it.
+        return_entropy: also return each teacher's full next-token entropy, [B, K, T] (0 at
+            ignored positions), for the SPEC §3 step metrics; it comes from the same pass.
+
+    Returns fp32 (float64 for float64 hidden states, so oracle tests can stay in float64). Memory
+    beyond the inputs and the [B, K, T] output is one op chunk, independent of V.
+    """
+    v.check_batch_targets(targets, None, None)
+    opts = dict(temperature=temperature, ignore_index=ignore_index, backend=backend, with_entropy=return_entropy)
+    if isinstance(teacher_hidden, torch.Tensor):
+        v.check_float_tensor("teacher_hidden", teacher_hidden, 4, "[K, B, T, H]")
+        k, b, t, h = teacher_hidden.shape
+        v.check_shape("teacher_hidden", teacher_hidden, (k, *targets.shape, h), "[K, B, T, H] (B, T from targets)")
+        _check_num_teachers(k, num_teachers)
+        logp, entropy = _score(
+            teacher_hidden.reshape(k * b * t, h), weight, targets.reshape(1, b * t).expand(k, b * t).reshape(-1), **opts
+        )
+        logp = logp.reshape(k, b, t).transpose(0, 1).contiguous()
+        if not return_entropy:
+            return logp
+        return logp, entropy.reshape(k, b, t).transpose(0, 1).contiguous()
+    if isinstance(teacher_hidden, (str, bytes)) or not isinstance(teacher_hidden, Iterable):
+        raise TypeError(
+            "teacher_hidden must be a [K, B, T, H] tensor or an iterable of K [B, T, H] tensors, "
+            f"got {type(teacher_hidden).__name__}"
+        )
+    per_teacher: list[torch.Tensor] = []
+    entropies: list[torch.Tensor] = []
+    # No enumerate(): its cached result tuple would keep the previous teacher's hidden states alive
+    # while the generator computes the next one.
+    for hidden in teacher_hidden:
+        name = f"teacher_hidden[{len(per_teacher)}]"
+        v.check_float_tensor(name, hidden, 3, "[B, T, H]")
+        v.check_shape(name, hidden, (*targets.shape, hidden.shape[-1]), "[B, T, H] (B, T from targets)")
+        b, t, h = hidden.shape
+        logp, entropy = _score(hidden.reshape(b * t, h), weight, targets.reshape(-1), **opts)
+        per_teacher.append(logp.reshape(b, t))
+        if return_entropy:
+            entropies.append(entropy.reshape(b, t))
+        # The loop variable would otherwise keep this teacher's hidden states alive while the
+        # generator computes the next teacher's.
+        del hidden
+    if not per_teacher:
+        raise ValueError("teacher_hidden yielded no teachers (K = 0); need at least one [B, T, H] tensor")
+    _check_num_teachers(len(per_teacher), num_teachers)
+    if not return_entropy:
+        return torch.stack(per_teacher, dim=1)
+    return torch.stack(per_teacher, dim=1), torch.stack(entropies, dim=1)
+
+
+def _score(hidden, weight, targets, *, with_entropy: bool, **kw) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logp, entropy or None) from linear_logprobs, whose return type depends on the flag."""
+    if not with_entropy:
+        return linear_logprobs(hidden, weight, targets, **kw), None
+    logp, _, entropy = linear_logprobs(hidden, weight, targets, return_entropy=True, **kw)
+    return logp, entropy
+
+
+def _check_num_teachers(k: int, num_teachers: int | None) -> None:
+    if num_teachers is not None and k != num_teachers:
+        raise ValueError(f"teacher_hidden holds K = {k} teachers, expected num_teachers = {num_teachers}")
+    if k == 0:
+        raise ValueError("teacher_hidden must hold at least one teacher (K >= 1), got K = 0")

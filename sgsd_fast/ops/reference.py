@@ -10,14 +10,12 @@ import math
 
 import torch
 
-
-def _math_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from sgsd_fast.ops.common import IGNORE_INDEX, math_dtype
 
 
 def logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """z = hidden @ weight.T / temperature, in the math dtype (never rounded to bf16)."""
-    dt = _math_dtype(hidden)
+    dt = math_dtype(hidden)
     return (hidden.to(dt) @ weight.to(dt).T) / temperature
 
 
@@ -27,7 +25,7 @@ def linear_logprobs_reference(
     targets: torch.Tensor,
     *,
     temperature: float = 1.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp, lse, entropy) per row; ignored rows give 0 in all three and no gradient."""
     z = logits(hidden, weight, temperature)
@@ -69,30 +67,30 @@ def linear_divergence_reference(
     weight: torch.Tensor,
     teacher_hidden: torch.Tensor,
     *,
-    teacher_weight: torch.Tensor | None = None,
+    teacher_head: torch.Tensor | None = None,
     gates: torch.Tensor | None = None,
     kind: str = "jsd",
     beta: float = 0.5,
     temperature: float = 1.0,
     entry_clip: float | None = None,
-    ignore_mask: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """sum_k g_tk D_k(t) over the full vocabulary, teachers detached. ignore_mask: True = ignored row."""
+    """sum_k g_tk D_k(t) over the full vocabulary, teachers detached. mask: [N] bool, True = row counts."""
     k, n = teacher_hidden.shape[0], teacher_hidden.shape[1]
-    teacher_weight = weight if teacher_weight is None else teacher_weight
+    teacher_head = weight if teacher_head is None else teacher_head
     s = torch.log_softmax(logits(student_hidden, weight, temperature), dim=-1)
     per_token = torch.zeros(n, dtype=s.dtype, device=s.device)
     if gates is None:
         gates = torch.full((n, k), 1.0 / k, dtype=s.dtype, device=s.device)
     for i in range(k):
         with torch.no_grad():
-            t = torch.log_softmax(logits(teacher_hidden[i], teacher_weight, temperature), dim=-1)
+            t = torch.log_softmax(logits(teacher_hidden[i], teacher_head, temperature), dim=-1)
         entries = divergence_per_entry(s, t, kind, beta)
         if entry_clip is not None:
             entries = entries.clamp(max=entry_clip)
         per_token = per_token + gates[:, i].to(s.dtype) * entries.sum(-1)
-    valid = torch.ones(n, dtype=torch.bool, device=s.device) if ignore_mask is None else ~ignore_mask
+    valid = torch.ones(n, dtype=torch.bool, device=s.device) if mask is None else mask
     per_token = torch.where(valid, per_token, torch.zeros_like(per_token))
     if reduction == "none":
         return per_token

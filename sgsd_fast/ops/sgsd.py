@@ -1,10 +1,11 @@
-"""SGSD from hidden states: one student log-prob pass serves all K teachers (SPEC §3).
+"""The SGSD gated objective (SPEC §3): on per-token log-probs, and from hidden states.
 
-    teacher_logprobs(teacher_hidden, weight, targets)  -> q [B, K, T], forward only
-    sgsd_loss(student_hidden, weight, targets, q, ...) -> (loss, metrics)
+    sgsd_gated_loss(student_logp, teacher_logp, mask, rewards, teacher_weights) -> (loss, metrics)
+    sgsd_loss(student_hidden, weight, targets, teacher_logp, mask, rewards, teacher_weights) -> (loss, metrics)
 
-Nothing V-sized survives either call: each side reduces to one log-prob per token through the
-fused `linear_logprobs`, and the gated objective is a cheap function of [B, K, T] tensors.
+`sgsd_loss` is `sgsd_gated_loss` with s computed by the fused `linear_logprobs`: one student
+log-prob pass serves all K teachers, and nothing V-sized survives. The teachers' side is
+`teacher_logprobs` (in `linear_logprobs.py`), which reduces each teacher to one log-prob per token.
 
 Using them in a training step::
 
@@ -13,22 +14,117 @@ Using them in a training step::
             with torch.no_grad():
                 yield model(ids, position_ids=pos, output_hidden_states=True).hidden_states[-1][:, -T - 1:-1]
 
-    q = teacher_logprobs(teacher_states(), lm_head.weight, completion_ids.masked_fill(~mask, -100))
+    q = teacher_logprobs(teacher_states(), lm_head.weight, completion_ids.masked_fill(~mask, IGNORE_INDEX))
     h = model(student_ids, output_hidden_states=True).hidden_states[-1][:, -T - 1:-1]   # [B, T, H]
     loss, metrics = sgsd_loss(h, lm_head.weight, completion_ids, q, mask, rewards, teacher_weights)
     loss.backward()
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 
-from sgsd_fast.losses import _checks as c
-from sgsd_fast.losses.sgsd_gated import sgsd_gated_loss
+from sgsd_fast.ops import common as c
+from sgsd_fast.ops.common import IGNORE_INDEX
 from sgsd_fast.ops.linear_logprobs import linear_logprobs
 
-_IGNORE = -100
+# Teacher weights are softmax outputs (SPEC §4); 1e-3 absorbs their fp32/fp16 rounding while still
+# catching unnormalized weights (real mistakes are off by far more). bf16 weights (8-bit mantissa)
+# may miss it: keep weights in fp32.
+WEIGHT_SUM_TOL = 1e-3
+
+
+def sgsd_gated_loss(
+    student_logp: torch.Tensor,
+    teacher_logp: torch.Tensor,
+    mask: torch.Tensor,
+    rewards: torch.Tensor,
+    teacher_weights: torch.Tensor,
+    *,
+    tau: float = 1.0,
+    clip: float = 3.0,
+    deadzone: float = 0.05,
+    outcome_baseline: float | None = None,
+    extra_metrics: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """SGSD loss of a batch of B rollouts scored by K teachers, and its step metrics.
+
+    Args:
+        student_logp: [B, T] float, s_t = log p_S(y_t); carries the gradient.
+        teacher_logp: [B, K, T] float, q_t^k = log p_Tk(y_t); always treated as detached.
+        mask: [B, T] bool, True for tokens that count (completion tokens, SPEC §3).
+        rewards: [B] verifier outcomes; r > 0 is a success (o = +1), anything else a failure (o = -1).
+        teacher_weights: [B, K] float a_k >= 0. A row either sums to 1 (within 1e-3) or is all zero
+            (that rollout has no teachers and contributes 0); a zero entry marks an absent teacher.
+        tau: gate temperature tau_g > 0. clip: support clip c > 0. deadzone: epsilon >= 0.
+        outcome_baseline: None (the paper: o = +1 if r > 0 else -1) or a finite number b, giving
+            the "advantage" variant o = r - b (real-valued, 0 when r == b). With b = the mean
+            reward of the step's whole batch, successes and failures weigh (1 - p) and p (p = the
+            batch's success rate), so the outcome terms balance the way a baseline balances
+            REINFORCE. The paper's +-1 does not balance: at a 30 % success rate failures carry
+            70 % of the weight and SGSD drifts toward unlikelihood training on the model's own
+            samples (issue 14's step-0 anatomy; the measured comparison is in
+            benchmarks/results/learning.md). Pass the batch mean, not a micro-batch mean, so
+            accumulation stays exact.
+        extra_metrics: optional name -> one-element tensor (e.g. an entropy mean), read in the same
+            host sync as the built-in metrics and returned with them; names must not clash.
+
+    Returns:
+        (loss, metrics). loss = mean_i sum_k a_k rho_k (1/N_i) sum_t M_t l_t^k with
+        delta = q - s, N = max(1, sum_t M_t), support a~_k = (1/N) sum_t M_t clip(delta, -c, c),
+        stance sigma_k = sign(a~_k) if |a~_k| > epsilon else 0 (strict: |a~_k| == epsilon gives 0),
+        rho_k = o * sigma_k (no gradient), l = log 2 - softplus(-delta^2 / (2 tau)) on the UNclipped
+        delta. Its gradient is sum_t A_t ds_t with A_t = -sum_k a_k rho_k M_t sigmoid(-delta^2/2tau)
+        delta / (tau N B) (SPEC §3). Math is fp32 (float64 if an input is float64); masked positions
+        get exactly zero gradient, and so does every rollout whose teachers all have rho = 0.
+
+        metrics (python floats; teacher statistics are unweighted, over present teachers a_k > 0,
+        and 0 when there are none): loss, support_clipped_mean, support_raw_mean, gate_row_loss
+        (mean of (1/N) sum_t M_t l_t^k), clipped_token_frac (|delta| > c among masked-in tokens),
+        helpful_frac / harmful_frac / neutral_frac (rho = +1 / -1 / 0), mask_keep_frac, reward_mean,
+        completion_tokens_mean (sum_t M_t per rollout).
+
+    Raises:
+        TypeError / ValueError naming the argument for wrong types, shapes, devices, non-positive
+        tau or clip, negative deadzone, non-finite log-probs or rewards, and invalid teacher weights.
+        Value checks ride on the one host sync that reads the metrics.
+    """
+    _check_shapes(student_logp, teacher_logp, mask, rewards, teacher_weights)
+    tau = c.check_number("tau", tau, minimum=0.0, inclusive=False)
+    clip = c.check_number("clip", clip, minimum=0.0, inclusive=False)
+    deadzone = c.check_number("deadzone", deadzone, minimum=0.0, inclusive=True)
+    if outcome_baseline is not None:
+        outcome_baseline = c.check_number("outcome_baseline", outcome_baseline, minimum=-math.inf, inclusive=False)
+
+    dt = c.math_dtype(student_logp, teacher_logp)
+    s = student_logp.to(dt)
+    q = teacher_logp.detach().to(dt)
+    a = teacher_weights.detach().to(dt)
+    m = mask.to(dt)[:, None, :]  # [B, 1, T]
+    n = mask.sum(-1).clamp(min=1).to(dt)[:, None]  # [B, 1]
+
+    delta = q - s[:, None, :]  # [B, K, T]
+    with torch.no_grad():
+        d = delta.detach()
+        support = (d.clamp(-clip, clip) * m).sum(-1) / n  # [B, K]
+        stance = torch.where(support.abs() > deadzone, torch.sign(support), torch.zeros_like(support))
+        if outcome_baseline is None:
+            outcome = torch.where(rewards.detach() > 0, 1.0, -1.0).to(dt)
+        else:
+            outcome = rewards.detach().to(dt) - outcome_baseline
+        polarity = outcome[:, None] * stance
+    gate = math.log(2.0) - F.softplus(-delta.square() / (2.0 * tau))
+    row = (gate * m).sum(-1) / n  # [B, K]
+    loss = (a * polarity * row).sum(-1).mean()
+
+    with torch.no_grad():
+        metrics = _metrics(loss, d, support, row.detach(), polarity, a, mask, rewards, n, clip)
+        metrics.update(_check_extra_metrics(extra_metrics, metrics))
+        checks = _value_checks(student_logp, teacher_logp, rewards, teacher_weights)
+        return loss, c.read_checked(metrics, checks, dt)
 
 
 def sgsd_loss(
@@ -44,10 +140,11 @@ def sgsd_loss(
     clip: float = 3.0,
     deadzone: float = 0.05,
     temperature: float = 1.0,
+    outcome_baseline: float | None = None,
     backend: str = "auto",
     extra_metrics: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The SGSD gated loss of `sgsd_fast.losses.sgsd_gated_loss` with s computed from hidden states.
+    """`sgsd_gated_loss` with s computed from hidden states.
 
     Args:
         student_hidden: [B, T, H] final (normed) hidden states of the student at the positions that
@@ -55,7 +152,7 @@ def sgsd_loss(
         weight: [V, H] lm_head weight (same dtype as student_hidden).
         targets: [B, T] int64 sampled ids; any value at mask == False positions (padding, prompt).
         teacher_logp: [B, K, T] teacher log-probs of the same ids (e.g. from `teacher_logprobs`).
-        mask, rewards, teacher_weights, tau, clip, deadzone: as in `sgsd_gated_loss`.
+        mask, rewards, teacher_weights, tau, clip, deadzone, outcome_baseline: as in `sgsd_gated_loss`.
         temperature: student logits are divided by it (SPEC §2).
         backend: linear_logprobs backend ("auto", "triton", "cpu", "reference").
         extra_metrics: forwarded to `sgsd_gated_loss` (e.g. a teacher entropy mean).
@@ -75,15 +172,15 @@ def sgsd_loss(
     c.check_bool_mask("mask", mask, (b, t), "[B, T] (B, T from student_hidden)")
     if isinstance(targets, torch.Tensor):
         c.check_same_device(student_hidden=student_hidden, mask=mask, targets=targets)
-    _check_targets(targets, (b, t), mask)
+    c.check_batch_targets(targets, (b, t), mask)
     metrics = _caller_metrics(extra_metrics)
-    flat_targets = torch.where(mask, targets, torch.full_like(targets, _IGNORE)).reshape(b * t)
+    flat_targets = torch.where(mask, targets, torch.full_like(targets, IGNORE_INDEX)).reshape(b * t)
     logp, _, entropy = linear_logprobs(
         student_hidden.reshape(b * t, h),
         weight,
         flat_targets,
         temperature=temperature,
-        ignore_index=_IGNORE,
+        ignore_index=IGNORE_INDEX,
         backend=backend,
         return_entropy=True,
     )
@@ -98,80 +195,9 @@ def sgsd_loss(
         tau=tau,
         clip=clip,
         deadzone=deadzone,
+        outcome_baseline=outcome_baseline,
         extra_metrics=metrics,
     )
-
-
-@torch.no_grad()
-def teacher_logprobs(
-    teacher_hidden: torch.Tensor | Iterable[torch.Tensor],
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    backend: str = "auto",
-    num_teachers: int | None = None,
-    return_entropy: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of `targets` under K teachers, [B, K, T], without gradient.
-
-    Args:
-        teacher_hidden: a [K, B, T, H] tensor (scored in one op call), or an iterable of K
-            [B, T, H] tensors, e.g. a generator running the teacher forwards lazily: each is reduced
-            to [B, T] at once and dropped before the next one is requested, so only one teacher's
-            hidden states are alive at a time.
-        weight: [V, H] lm_head weight of the teachers.
-        targets: [B, T] integer ids; positions equal to ignore_index give 0.
-        temperature, ignore_index, backend: as in `linear_logprobs`.
-        num_teachers: if given, K must equal it.
-        return_entropy: also return each teacher's full next-token entropy, [B, K, T] (0 at
-            ignored positions), for the SPEC §3 step metrics; it comes from the same pass.
-
-    Returns fp32 (float64 for float64 hidden states, so oracle tests can stay in float64). Memory
-    beyond the inputs and the [B, K, T] output is one op chunk, independent of V.
-    """
-    _check_targets(targets, None, None)
-    opts = dict(temperature=temperature, ignore_index=ignore_index, backend=backend, with_entropy=return_entropy)
-    if isinstance(teacher_hidden, torch.Tensor):
-        c.check_float_tensor("teacher_hidden", teacher_hidden, 4, "[K, B, T, H]")
-        k, b, t, h = teacher_hidden.shape
-        c.check_shape("teacher_hidden", teacher_hidden, (k, *targets.shape, h), "[K, B, T, H] (B, T from targets)")
-        _check_num_teachers(k, num_teachers)
-        logp, entropy = _score(
-            teacher_hidden.reshape(k * b * t, h), weight, targets.reshape(1, b * t).expand(k, b * t).reshape(-1), **opts
-        )
-        logp = logp.reshape(k, b, t).transpose(0, 1).contiguous()
-        if not return_entropy:
-            return logp
-        return logp, entropy.reshape(k, b, t).transpose(0, 1).contiguous()
-    if isinstance(teacher_hidden, (str, bytes)) or not isinstance(teacher_hidden, Iterable):
-        raise TypeError(
-            "teacher_hidden must be a [K, B, T, H] tensor or an iterable of K [B, T, H] tensors, "
-            f"got {type(teacher_hidden).__name__}"
-        )
-    per_teacher: list[torch.Tensor] = []
-    entropies: list[torch.Tensor] = []
-    # No enumerate(): its cached result tuple would keep the previous teacher's hidden states alive
-    # while the generator computes the next one.
-    for hidden in teacher_hidden:
-        name = f"teacher_hidden[{len(per_teacher)}]"
-        c.check_float_tensor(name, hidden, 3, "[B, T, H]")
-        c.check_shape(name, hidden, (*targets.shape, hidden.shape[-1]), "[B, T, H] (B, T from targets)")
-        b, t, h = hidden.shape
-        logp, entropy = _score(hidden.reshape(b * t, h), weight, targets.reshape(-1), **opts)
-        per_teacher.append(logp.reshape(b, t))
-        if return_entropy:
-            entropies.append(entropy.reshape(b, t))
-        # The loop variable would otherwise keep this teacher's hidden states alive while the
-        # generator computes the next teacher's.
-        del hidden
-    if not per_teacher:
-        raise ValueError("teacher_hidden yielded no teachers (K = 0); need at least one [B, T, H] tensor")
-    _check_num_teachers(len(per_teacher), num_teachers)
-    if not return_entropy:
-        return torch.stack(per_teacher, dim=1)
-    return torch.stack(per_teacher, dim=1), torch.stack(entropies, dim=1)
 
 
 def _caller_metrics(extra_metrics) -> dict[str, torch.Tensor]:
@@ -185,30 +211,90 @@ def _caller_metrics(extra_metrics) -> dict[str, torch.Tensor]:
     return dict(extra_metrics)
 
 
-def _score(hidden, weight, targets, *, with_entropy: bool, **kw) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(logp, entropy or None) from linear_logprobs, whose return type depends on the flag."""
-    if not with_entropy:
-        return linear_logprobs(hidden, weight, targets, **kw), None
-    logp, _, entropy = linear_logprobs(hidden, weight, targets, return_entropy=True, **kw)
-    return logp, entropy
-
-
-def _check_targets(targets, shape: tuple[int, int] | None, mask: torch.Tensor | None) -> None:
-    if not isinstance(targets, torch.Tensor):
-        raise TypeError(f"targets must be an int64 torch.Tensor of shape [B, T], got {type(targets).__name__}")
-    if targets.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"targets must be an integer tensor (int64) of shape [B, T], got {targets.dtype}")
-    c.check_rank("targets", targets, 2, "[B, T]")
-    if shape is not None:
-        c.check_shape("targets", targets, shape, "[B, T] (B, T from student_hidden)")
-    # linear_logprobs checks the upper bound; a negative id under mask == True would silently be
-    # treated as ignored there, so it is caught here.
-    if mask is not None and bool((mask & (targets < 0)).any()):
-        raise ValueError("targets must be valid ids >= 0 wherever mask is True (found a negative id)")
-
-
-def _check_num_teachers(k: int, num_teachers: int | None) -> None:
-    if num_teachers is not None and k != num_teachers:
-        raise ValueError(f"teacher_hidden holds K = {k} teachers, expected num_teachers = {num_teachers}")
+def _check_shapes(student_logp, teacher_logp, mask, rewards, teacher_weights) -> None:
+    c.check_float_tensor("student_logp", student_logp, 2, "[B, T]")
+    c.check_float_tensor("teacher_logp", teacher_logp, 3, "[B, K, T]")
+    b, t = student_logp.shape
+    k = teacher_logp.shape[1]
+    if b == 0:
+        raise ValueError("student_logp must hold at least one rollout (B >= 1), got shape [0, T]")
     if k == 0:
-        raise ValueError("teacher_hidden must hold at least one teacher (K >= 1), got K = 0")
+        raise ValueError("teacher_logp must hold at least one teacher (K >= 1), got shape [B, 0, T]")
+    c.check_shape("teacher_logp", teacher_logp, (b, k, t), "[B, K, T] (B, T from student_logp)")
+    c.check_bool_mask("mask", mask, (b, t), "[B, T]")
+    if not isinstance(rewards, torch.Tensor):
+        raise TypeError(f"rewards must be a torch.Tensor of shape [B] = [{b}], got {type(rewards).__name__}")
+    if rewards.dtype.is_complex:
+        raise TypeError(f"rewards must be a real tensor, got {rewards.dtype}")
+    c.check_shape("rewards", rewards, (b,), "[B]")
+    c.check_float_tensor("teacher_weights", teacher_weights, 2, "[B, K]")
+    c.check_shape("teacher_weights", teacher_weights, (b, k), "[B, K]")
+    c.check_same_device(
+        student_logp=student_logp,
+        teacher_logp=teacher_logp,
+        mask=mask,
+        rewards=rewards,
+        teacher_weights=teacher_weights,
+    )
+
+
+def _check_extra_metrics(extra, builtin: dict) -> dict[str, torch.Tensor]:
+    if extra is None:
+        return {}
+    if not isinstance(extra, Mapping):
+        raise TypeError(f"extra_metrics must be a mapping of name -> one-element tensor, got {type(extra).__name__}")
+    for name, value in extra.items():
+        if not isinstance(name, str) or name in builtin:
+            raise ValueError(f"extra_metrics names must be strings other than the built-in ones, got {name!r}")
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            raise TypeError(f"extra_metrics[{name!r}] must be a one-element tensor, got {value!r}")
+    return {name: value.detach().reshape(()) for name, value in extra.items()}
+
+
+def _value_checks(student_logp, teacher_logp, rewards, teacher_weights) -> list[tuple[torch.Tensor, str]]:
+    """(lazy flag, message) pairs; evaluated together with the metrics in one host sync."""
+    w = teacher_weights.detach().to(torch.float64)
+    row_sum = w.sum(-1)
+    bad_rows = (row_sum != 0) & ((row_sum - 1.0).abs() > WEIGHT_SUM_TOL)
+    return [
+        (c.nonfinite_flag(student_logp.detach()), "student_logp must be finite everywhere (NaN or inf found)"),
+        (
+            c.nonfinite_flag(teacher_logp.detach()),
+            "teacher_logp must be finite everywhere (NaN or inf found; set padded positions to 0, they are masked)",
+        ),
+        (c.nonfinite_flag(rewards.detach()), "rewards must be finite (NaN or inf found)"),
+        (~torch.isfinite(w).all() | (w < 0).any(), "teacher_weights must be finite and >= 0"),
+        (
+            bad_rows.any(),
+            f"each row of teacher_weights must sum to 1 (within {WEIGHT_SUM_TOL}) or be all zero (no teachers)",
+        ),
+    ]
+
+
+def _metrics(loss, d, support, row, polarity, a, mask, rewards, n, clip) -> dict[str, torch.Tensor]:
+    """0-dim tensors only, so the caller reads them all with one host sync."""
+    dt = d.dtype
+    present = a > 0  # [B, K]
+    num_present = present.sum().clamp(min=1).to(dt)
+    masked_tokens = mask[:, None, :] & present[:, :, None]  # [B, K, T]
+    raw_support = (d * mask[:, None, :].to(dt)).sum(-1) / n
+
+    def over_present(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(present, x, torch.zeros_like(x)).sum() / num_present
+
+    def count(flags: torch.Tensor) -> torch.Tensor:
+        return flags.sum().to(dt)
+
+    return {
+        "loss": loss.detach(),
+        "support_clipped_mean": over_present(support),
+        "support_raw_mean": over_present(raw_support),
+        "gate_row_loss": over_present(row),
+        "clipped_token_frac": count((d.abs() > clip) & masked_tokens) / count(masked_tokens).clamp(min=1),
+        "helpful_frac": count((polarity > 0) & present) / num_present,
+        "harmful_frac": count((polarity < 0) & present) / num_present,
+        "neutral_frac": count((polarity == 0) & present) / num_present,
+        "mask_keep_frac": count(mask) / max(1, mask.numel()),
+        "reward_mean": rewards.detach().to(dt).mean(),
+        "completion_tokens_mean": mask.sum(-1).to(dt).mean(),
+    }

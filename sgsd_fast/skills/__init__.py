@@ -1,6 +1,6 @@
 """The skill bank: storage, encoders, retrieval of teacher contexts, cold start and online evolution.
 
-See SPEC §4. Public names follow docs/CONTRACTS.md.
+See SPEC §4. Public names: docs/ARCHITECTURE.md ("Interfaces between the layers").
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from .builder import BuildSummary, build_bank
 from .encoders import Encoder, make_encoder
 from .evolve import OnlineEvolver
 from .items import FIELDS, KINDS, ORIGINS, SkillItem
-from .retrieval import Retriever, TeacherContext, teacher_messages
+from .retrieval import Retriever, TeacherContext
 from .store import BankDiff, ImportReport, SkillBank, VersionInfo
 
 
@@ -23,5 +23,5 @@ def starter_bank_path() -> Path:
 __all__ = [
     "FIELDS", "KINDS", "ORIGINS", "BankDiff", "BuildSummary", "Encoder", "ImportReport", "OnlineEvolver",
     "Retriever", "SkillBank", "SkillItem", "TeacherContext", "VersionInfo", "build_bank", "make_encoder",
-    "starter_bank_path", "teacher_messages",
+    "starter_bank_path",
 ]

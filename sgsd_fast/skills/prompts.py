@@ -1,10 +1,10 @@
-"""Every piece of wording the skill bank sends to a model, in one place (the project's own text).
+"""Every piece of wording the skill-bank builder sends to a model, in one place (the project's own text).
 
-* teacher prompt: notes as soft, unquoted guidance + one skill + one mistake + the problem;
 * extraction prompts: a verified attempt -> at most N general skills (success) or mistakes (failure);
 * merge prompt: a group of notes -> a shorter list of distinct, general notes.
 
-All prompts ask for plain JSON so `sgsd_fast.skills.parsing` can read the reply.
+All prompts ask for plain JSON so `sgsd_fast.skills.parsing` can read the reply. The teacher prompt
+built from a retrieved pair is a training prompt: `sgsd_fast.prompts.skill_conditioned_messages`.
 """
 from __future__ import annotations
 
@@ -12,26 +12,6 @@ import json
 from collections.abc import Mapping, Sequence
 
 from .items import FIELDS
-
-TEACHER_PREAMBLE = (
-    "Some notes from earlier practice are below. Treat them as soft guidance: follow them only "
-    "where they genuinely help with this problem, and never quote, cite or mention the notes "
-    "in your solution."
-)
-
-SKILL_NOTE = (
-    "A technique that often helps: {title}\n"
-    "How it works: {principle}\n"
-    "When to use it: {when_to_apply}"
-)
-
-MISTAKE_NOTE = (
-    "A trap to stay out of: {description}\n"
-    "Why people fall into it: {why_it_happens}\n"
-    "What to do instead: {how_to_avoid}"
-)
-
-TEACHER_PROBLEM = "Problem:\n{question}\n\n{answer_format}"
 
 _FIELD_GUIDE = {
     "skill": (
@@ -87,18 +67,6 @@ MAX_SOLUTION_CHARS = 4000
 
 def _clip(text: str, limit: int = MAX_SOLUTION_CHARS) -> str:
     return text if len(text) <= limit else text[: limit // 2] + "\n[...]\n" + text[-limit // 2:]
-
-
-def teacher_text(question: str, skill: Mapping[str, str] | None, mistake: Mapping[str, str] | None,
-                 answer_format: str) -> str:
-    """The teacher's user message: preamble, the pair's notes (a missing side is left out), problem."""
-    parts = [TEACHER_PREAMBLE]
-    if skill is not None:
-        parts.append(SKILL_NOTE.format(**skill))
-    if mistake is not None:
-        parts.append(MISTAKE_NOTE.format(**mistake))
-    parts.append(TEACHER_PROBLEM.format(question=question, answer_format=answer_format))
-    return "\n\n".join(parts)
 
 
 def extraction_text(kind: str, question: str, completion: str, *, answer: str = "", max_items: int = 3) -> str:

@@ -24,7 +24,6 @@ import numpy as np
 
 from .encoders import Encoder
 from .items import SkillItem
-from .prompts import teacher_text
 from .store import SkillBank
 
 MODES = ("similarity", "random")
@@ -141,27 +140,3 @@ class Retriever:
             )
             for rank in range(n_pairs)
         ]
-
-
-def teacher_messages(question: str, ctx: TeacherContext) -> list[dict]:
-    """Chat messages for the teacher conditioned on one context (SPEC §4 teacher prompt).
-
-    One user message: the soft-guidance instruction, the skill (title, principle, when to apply),
-    the mistake (what not to do, why, what to do instead), then the problem and
-    `sgsd_fast.prompts.ANSWER_FORMAT` — the student's prompt ends the same way.
-    """
-    from sgsd_fast.prompts import ANSWER_FORMAT
-
-    if not isinstance(question, str):
-        raise TypeError(f"question must be a str, got {type(question).__name__}")
-    if not isinstance(ctx, TeacherContext):
-        raise TypeError(f"ctx must be a TeacherContext, got {type(ctx).__name__}")
-    if ctx.skill is None and ctx.mistake is None:
-        raise ValueError("ctx carries neither a skill nor a mistake: a teacher needs at least one note")
-    content = teacher_text(
-        question,
-        dict(ctx.skill.fields) if ctx.skill is not None else None,
-        dict(ctx.mistake.fields) if ctx.mistake is not None else None,
-        ANSWER_FORMAT,
-    )
-    return [{"role": "user", "content": content}]

@@ -43,8 +43,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from sgsd_fast.config import ConfigError, TrainConfig, coerce_field, read_yaml
-from sgsd_fast.train.teachers import is_peft_model
+from sgsd_fast.config import ConfigError, TrainConfig, coerce_field, read_yaml, rename_deprecated
+from sgsd_fast.models import is_peft_model
 
 _CKPT = re.compile(r"checkpoint-(\d+)")
 # Temporary folders of a save in progress: .checkpoint-<step>.tmp-<pid> (being written) and
@@ -56,7 +56,7 @@ _TORCH_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pt")
 # Fields a checkpoint's contents depend on: resuming with another value would fail on load
 # (optimizer state, weight shapes) or silently continue a different run (objective, teacher).
 RESUME_LOCKED = ("model", "gguf_file", "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
-                 "method", "optim", "teacher_weights")
+                 "method", "optim", "teacher_params")
 # Fields that only say how the run is executed, stored or reported: free to change on resume.
 # Any other changed field is allowed but reported, since the continued run then differs from an
 # uninterrupted one.
@@ -333,8 +333,9 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
 
 
 def read_checkpoint_config(ckpt: str | os.PathLike) -> dict[str, Any]:
-    """The config mapping saved in a checkpoint folder; ConfigError naming the file otherwise."""
-    return read_yaml(Path(ckpt) / "config.yaml", what="checkpoint config", allow_empty=False)
+    """The config mapping saved in a checkpoint folder, with deprecated field names of older
+    versions renamed (so the command line may use the new ones); ConfigError naming the file otherwise."""
+    return rename_deprecated(read_yaml(Path(ckpt) / "config.yaml", what="checkpoint config", allow_empty=False))
 
 
 def resolve_resume(resume: str, output_dir: str | None, runs_root: str | os.PathLike = "runs",

@@ -1,13 +1,11 @@
 """One optimizer update from scored rollouts: loss, gradient accumulation, clipping, optimizer, schedule.
 
 The student runs ONE forward/backward per rollout micro-batch, shared by all K teachers: its
-final hidden states go straight into the fused loss op together with the lm_head weight, so no
-logit matrix is ever built. Each micro-batch's loss is scaled so the accumulated gradient equals
-the gradient of the full-batch loss:
-
-* ``sgsd``: the loss is a mean over rollouts -> scale by (rollouts in micro-batch) / B;
-* ``opsd`` and ``sampled_rkl``: a pooled mean over valid tokens -> scale by (valid tokens in
-  micro-batch) / (valid tokens in batch).
+final hidden states go straight into the objective's fused loss op together with the lm_head
+weight, so no logit matrix is ever built. The objective (`sgsd_fast.train.objectives`) returns
+each micro-batch's loss summed over its units (rollouts for SGSD, valid tokens for OPSD, sampled
+RKL and GRPO); dividing by the batch's count of those units makes the accumulated gradient equal
+the gradient of the full-batch loss.
 
 A non-finite loss, hidden state or gradient norm skips the update (gradients dropped, no
 optimizer step) instead of crashing; the trainer counts it. The learning-rate schedule still
@@ -25,10 +23,8 @@ from torch import nn
 
 from sgsd_fast.config import TrainConfig
 from sgsd_fast.models import lm_head_weight
-from sgsd_fast.ops.linear_logprobs import linear_logprobs
-from sgsd_fast.ops.sgsd import sgsd_loss
-from sgsd_fast.losses import sampled_token_rkl
-from sgsd_fast.train.teachers import IGNORE_INDEX, forward_hidden, pack
+from sgsd_fast.train.batch import forward_hidden, pack
+from sgsd_fast.train.objectives import MicroBatch, Objective, Payload
 
 
 # ---- optimizer and schedule ------------------------------------------------------------------
@@ -80,20 +76,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch
 
 @dataclass
 class StepInputs:
-    """Everything the loss needs about one batch of B scored rollouts (T = longest completion).
-
-    teacher_logp [B, K, T] with teacher_weights [B, K] for sgsd; teacher_logp [B, 1, T] for
-    sampled_rkl; teacher_hidden [B, T, H] with teacher_head [V, H] for opsd.
-    """
+    """One batch of B verified rollouts (T = longest completion) and the objective's payload for it."""
 
     prompt_ids: Sequence[Sequence[int]]
     completion_ids: Sequence[Sequence[int]]
     mask: torch.Tensor  # [B, T] bool
     rewards: torch.Tensor  # [B]
-    teacher_logp: torch.Tensor | None = None
-    teacher_weights: torch.Tensor | None = None
-    teacher_hidden: torch.Tensor | None = None
-    teacher_head: torch.Tensor | None = None
+    payload: Payload  # what `objective.prepare` built (teacher scores, advantages, ...)
 
 
 @dataclass
@@ -105,53 +94,21 @@ class StepResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def _micro_loss(method: str, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, sl: slice,
-                inp: StepInputs, cfg: TrainConfig, valid_total: int) -> tuple[torch.Tensor, dict[str, float], float]:
-    """(scaled loss, metrics, metric weight) of one micro-batch."""
-    mask = inp.mask[sl].to(hidden.device)
-    b = inp.mask.shape[0]
-    if method == "sgsd":
-        loss, metrics = sgsd_loss(hidden, weight, targets, inp.teacher_logp[sl], mask, inp.rewards[sl],
-                                  inp.teacher_weights[sl], tau=cfg.tau_g, clip=cfg.support_clip,
-                                  deadzone=cfg.deadzone, temperature=cfg.logprob_temperature)
-        share = (sl.stop - sl.start) / b
-        return loss * share, metrics, share
-    valid = int(mask.sum())
-    share = valid / max(1, valid_total)
-    bm, t, h = hidden.shape
-    flat_targets = torch.where(mask, targets, torch.full_like(targets, IGNORE_INDEX)).reshape(-1)
-    if method == "sampled_rkl":
-        s = linear_logprobs(hidden.reshape(-1, h), weight, flat_targets, temperature=cfg.logprob_temperature,
-                            ignore_index=IGNORE_INDEX).reshape(bm, t)
-        loss, metrics = sampled_token_rkl(s, inp.teacher_logp[sl, 0], mask)
-        return loss * share, metrics, share
-    # opsd: full-vocabulary divergence, logits at the sampling temperature (the OPSD recipe).
-    from sgsd_fast.ops.linear_divergence import linear_divergence
-
-    kind = "fkl" if cfg.opsd_beta == 0.0 else "rkl" if cfg.opsd_beta == 1.0 else "jsd"
-    teacher = inp.teacher_hidden[sl].reshape(1, bm * t, h)
-    total = linear_divergence(hidden.reshape(-1, h), weight, teacher, teacher_weight=inp.teacher_head, kind=kind,
-                              beta=cfg.opsd_beta, temperature=cfg.temperature, entry_clip=cfg.opsd_entry_clip,
-                              ignore_mask=~mask.reshape(-1), reduction="sum")
-    loss = total / max(1, valid_total)
-    return loss, {"loss": float(total.detach()) / max(1, valid), "valid_tokens": float(valid)}, share
-
-
 def update_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
-                inp: StepInputs, cfg: TrainConfig, *, pad_id: int) -> StepResult:
-    """Accumulate the loss over micro-batches, clip, step the optimizer (unless non-finite), advance the lr."""
-    method = cfg.method
+                objective: Objective, inp: StepInputs, cfg: TrainConfig, *, pad_id: int) -> StepResult:
+    """Accumulate the objective's loss over micro-batches, clip, step the optimizer (unless
+    non-finite), advance the lr."""
     b = len(inp.completion_ids)
     length = inp.mask.shape[1]
     weight = lm_head_weight(model)
     device = weight.device
-    valid_total = int(inp.mask.sum())
+    batch_units = max(1, objective.units(inp.mask))
     lr = optimizer.param_groups[0]["lr"]
     optimizer.zero_grad(set_to_none=True)
     model.train()  # dropout stays off in our configs; train mode lets gradient checkpointing work
     total_loss, metrics_acc = 0.0, {}
     # A NaN teacher score (or any non-finite input) would poison the loss: skip rather than crash.
-    finite = all(bool(torch.isfinite(t).all()) for t in (inp.teacher_logp, inp.teacher_hidden) if t is not None)
+    finite = inp.payload.finite()
     try:
         for b0 in range(0, b if finite else 0, cfg.micro_batch_size):
             sl = slice(b0, min(b0 + cfg.micro_batch_size, b))
@@ -160,14 +117,19 @@ def update_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: t
             if not bool(torch.isfinite(hidden).all()):
                 finite = False
                 break
-            targets = batch.targets.clamp(min=0)  # any id at masked positions; the loss ignores them
-            loss, metrics, share = _micro_loss(method, hidden, weight, targets, sl, inp, cfg, valid_total)
+            mask = inp.mask[sl].to(device)
+            # Any valid id at masked positions: the losses ignore them.
+            mb = MicroBatch(hidden=hidden, head=weight, targets=batch.targets.clamp(min=0), mask=mask,
+                            rewards=inp.rewards[sl], rows=sl)
+            out = objective.loss(mb, inp.payload)
+            loss = out.total / batch_units
             if not bool(torch.isfinite(loss)):
                 finite = False
                 break
             loss.backward()
             total_loss += float(loss.detach())
-            for key, value in metrics.items():
+            share = objective.units(mask) / batch_units
+            for key, value in out.metrics.items():
                 metrics_acc[key] = metrics_acc.get(key, 0.0) + share * float(value)
     finally:
         model.eval()

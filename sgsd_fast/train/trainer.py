@@ -1,15 +1,18 @@
-"""The training loop: rollouts -> verify -> teacher contexts -> teacher scores -> one student update.
+"""The training loop: rollouts -> verify -> the objective's teacher inputs -> one student update.
 
     trainer = Trainer(TrainConfig(...))        # or pass model=, tokenizer=, problems, verifier=
     summary = trainer.train()                   # eval before/after, checkpoints, metrics, plot
 
 One step s (0-based; logged as step s + 1):
   1. take the next `prompts_per_step` problems of a seeded per-epoch shuffle;
-  2. sample one rollout each with seed = seed + s (so a resumed run samples exactly the same);
+  2. sample `num_generations` rollouts of each (adjacent in the batch) with seed = seed + s, so a
+     resumed run samples exactly the same;
   3. verify (process pool with timeouts; a timeout is reward 0 and is counted);
-  4. build the teacher inputs (K retrieved skill/mistake pairs for SGSD, the answer-conditioned
-     prompt for OPSD / sampled RKL) and score the identical completion ids without gradient;
-  5. one student forward/backward per micro-batch, clip, optimizer step (skipped if non-finite);
+  4. `objective.prepare`: the method's teacher inputs without gradient (K retrieved skill/mistake
+     teachers scoring the identical completion ids for SGSD, the answer-conditioned teacher for
+     OPSD / sampled RKL, group advantages for GRPO);
+  5. `update_step`: one student forward/backward per micro-batch through `objective.loss`, clip,
+     optimizer step (skipped if non-finite);
   6. EMA teacher update, online skill-bank evolution, metrics, eval, checkpoint.
 
 Ctrl-C saves a checkpoint and returns cleanly; `resume=` continues from one to the same result
@@ -34,24 +37,46 @@ import torch
 from torch import nn
 
 from sgsd_fast.config import TrainConfig, check_output_dir
-from sgsd_fast.data import Problem, generate_problems, load_problems
-from sgsd_fast.models import LoraSettings, load_model_and_tokenizer
-from sgsd_fast.prompts import render_prompt
-from sgsd_fast.skills import OnlineEvolver, Retriever, SkillBank, make_encoder, starter_bank_path, teacher_messages
+from sgsd_fast.data import Problem
+from sgsd_fast.models import is_peft_model
+from sgsd_fast.prompts import render_prompt, student_prompts
+from sgsd_fast.rollout import HFRolloutEngine
+from sgsd_fast.skills import OnlineEvolver, SkillBank
+from sgsd_fast.train.batch import TokenMasker
 from sgsd_fast.train.checkpoint import check_resume, clean_stale_saves, load_checkpoint, save_checkpoint
-from sgsd_fast.train.evaluate import evaluate, student_prompts
-from sgsd_fast.train.logging import PLOT_FILE, MetricsLogger, plot_curves
-from sgsd_fast.train.rollout import HFRolloutEngine
+from sgsd_fast.train.evaluate import evaluate
+from sgsd_fast.train.metrics import PLOT_FILE, MetricsLogger, plot_curves
+from sgsd_fast.train.objectives import Rollouts, get_objective
+from sgsd_fast.train.setup import (BANK_FILE, build_engine, build_model, build_retriever, build_verifier,
+                                   load_eval_problems, load_train_problems, lora_settings, prepare_bank)
+from sgsd_fast.train.stats import paired_comparison
 from sgsd_fast.train.step import StepInputs, build_optimizer, build_scheduler, update_step
-from sgsd_fast.train.teachers import (TeacherPool, TokenMasker, answer_conditioned_messages, is_peft_model,
-                                      retrieve_contexts)
-from sgsd_fast.verify import Verifier
+from sgsd_fast.train.teachers import TeacherPool
+from sgsd_fast.verify.repetition import gate_repetitive
 
-BANK_FILE = "skill_bank.db"
+EVAL_DIR = "eval"
+SUMMARY_FILE = "summary.json"
 
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive steps were skipped for non-finite values; the run stopped without saving."""
+
+
+def write_eval_records(run_dir: Path, step: int, records: list[dict[str, Any]]) -> Path:
+    """Per-problem results of the evaluation at `step`: run_dir/eval/step-<step>.jsonl (atomic)."""
+    path = run_dir / EVAL_DIR / f"step-{step}.jsonl"
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(path)
+    return path
+
+
+def read_eval_records(run_dir: Path, step: int) -> list[dict[str, Any]] | None:
+    path = Path(run_dir) / EVAL_DIR / f"step-{step}.jsonl"
+    if not path.is_file():
+        return None
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def default_run_dir() -> Path:
@@ -63,55 +88,6 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def load_train_problems(cfg: TrainConfig) -> list[Problem]:
-    if cfg.dataset == "builtin":
-        return generate_problems(cfg.num_train_problems, seed=cfg.seed, split="train", levels=cfg.builtin_levels)
-    return load_problems(cfg.dataset, problem_field=cfg.problem_field, answer_field=cfg.answer_field,
-                         split=cfg.dataset_split, limit=cfg.dataset_limit)
-
-
-def load_eval_problems(cfg: TrainConfig) -> list[Problem]:
-    if cfg.eval_dataset == "builtin":
-        return generate_problems(cfg.num_eval_problems, seed=cfg.seed, split="eval", levels=cfg.builtin_levels)
-    return load_problems(cfg.eval_dataset, problem_field=cfg.problem_field, answer_field=cfg.answer_field,
-                         split=cfg.eval_split, limit=cfg.num_eval_problems)
-
-
-def lora_settings(cfg: TrainConfig) -> LoraSettings:
-    targets = cfg.lora_target_modules
-    return LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                        target_modules=targets if targets == "all-linear" else
-                        tuple(t.strip() for t in targets.split(",") if t.strip()))
-
-
-def build_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
-    lora = lora_settings(cfg) if cfg.use_peft else None
-    return load_model_and_tokenizer(cfg.model, gguf_file=cfg.gguf_file, dtype=cfg.dtype, device=cfg.device,
-                                    attn_implementation=cfg.attn_implementation,
-                                    gradient_checkpointing=cfg.gradient_checkpointing, lora=lora, liger=cfg.liger)
-
-
-def prepare_bank(cfg: TrainConfig, run_dir: Path, source: Path | None = None) -> Path:
-    """The run's own working copy of the skill bank: of `source` (a resumed checkpoint's bank) or of
-    cfg.skill_bank. The source is opened read-only, so it is checked to be a bank and never modified."""
-    dst = run_dir / BANK_FILE
-    if dst.exists():
-        dst.unlink()
-    if source is None:
-        source = starter_bank_path() if cfg.skill_bank == "starter" else Path(cfg.skill_bank)
-    if source.suffix == ".db":
-        with SkillBank(source, read_only=True) as bank:
-            bank.backup(dst)
-    else:
-        with SkillBank(dst) as bank:
-            bank.import_json(source)
-    with SkillBank(dst, read_only=True) as bank:
-        if bank.count() == 0:
-            raise ValueError(f"skill bank {str(source)!r} holds no skills and no mistakes: every SGSD teacher "
-                             "needs at least one note (see `sgsd-fast skills build`)")
-    return dst
 
 
 class Trainer:
@@ -136,6 +112,7 @@ class Trainer:
             raise ValueError("pass both model and tokenizer, or neither")
         self.cfg = cfg
         self.log = log
+        objective_cls = get_objective(cfg.method)
         # Everything that can fail without the model is checked before it loads (seconds, not a
         # download): the run directory, the checkpoint to resume, the data and the skill bank.
         self.run_dir = Path(run_dir or cfg.output_dir or default_run_dir())
@@ -152,9 +129,9 @@ class Trainer:
         if not self.eval_problems:  # every run evaluates at its end; finding out then would waste the run
             raise ValueError(f"config field 'eval_dataset': {cfg.eval_dataset!r} gave no evaluation problems")
         self.bank_path: Path | None = None
-        if cfg.method == "sgsd":
+        if objective_cls.uses_skill_bank:
             resumed_bank = Path(resume) / BANK_FILE if resume is not None else None
-            self.bank_path = prepare_bank(cfg, self.run_dir, resumed_bank if resumed_bank and
+            self.bank_path = prepare_bank(cfg, self.run_dir, start=resumed_bank if resumed_bank and
                                           resumed_bank.is_file() else None)
         self._seed_everything(cfg.seed)
 
@@ -168,23 +145,15 @@ class Trainer:
         self.device = next(model.parameters()).device
 
         self._owns_verifier = verifier is None
-        self.verifier = verifier or Verifier(num_workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s,
-                                               answer_phrase=cfg.answer_phrase)
-        if cfg.rollout_engine == "vllm":
-            from sgsd_fast.train.rollout_vllm import VLLMRolloutEngine
-
-            self.engine = VLLMRolloutEngine(cfg.model, tokenizer, max_new_tokens=cfg.max_new_tokens,
-                                            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
-        else:
-            self.engine = HFRolloutEngine(model, tokenizer, max_new_tokens=cfg.max_new_tokens,
-                                          temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                          batch_size=cfg.generation_batch_size)
-        self.teachers = TeacherPool(model, tokenizer, weights=cfg.teacher_weights, ema_decay=cfg.ema_decay,
+        self.verifier = verifier or build_verifier(cfg)
+        self.engine = build_engine(cfg, model, tokenizer)
+        # Only methods with teachers pay for them (a frozen teacher without LoRA is a full model copy).
+        self.teachers = TeacherPool(model, tokenizer, params=cfg.teacher_params, ema_decay=cfg.ema_decay,
                                     micro_batch_size=cfg.teacher_micro_batch_size,
                                     chat_template=cfg.teacher_chat_template, thinking=cfg.teacher_thinking,
-                                    temperature=cfg.logprob_temperature)
-        self.masker = TokenMasker(tokenizer, keep_eos=cfg.method != "sgsd")
+                                    temperature=cfg.logprob_temperature,
+                                    fmt=cfg.answer_format) if objective_cls.needs_teachers else None
+        self.masker = TokenMasker(tokenizer, keep_eos=objective_cls.keep_eos)
         self.optimizer = build_optimizer(model.parameters(), cfg, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg)
 
@@ -194,20 +163,18 @@ class Trainer:
         if resume is not None:
             self.state, teacher_state = load_checkpoint(resume, model=model, optimizer=self.optimizer,
                                                         scheduler=self.scheduler)
-            if teacher_state is not None:
-                self.teachers.weights.load_state_dict(teacher_state)
+            if teacher_state is not None and self.teachers is not None:
+                self.teachers.params.load_state_dict(teacher_state)
         if self.bank_path is not None:
             self.bank = SkillBank(self.bank_path)
-            encoder_kw = ({"model": model, "tokenizer": tokenizer} if cfg.encoder == "policy" else
-                          {"model": cfg.encoder_model} if cfg.encoder_model is not None else {})
-            self.retriever = Retriever(self.bank, make_encoder(cfg.encoder, **encoder_kw), k=cfg.num_teachers,
-                                       mode=cfg.retrieval, seed=cfg.seed)
+            self.retriever = build_retriever(cfg, self.bank, model, tokenizer)
             if cfg.online_update_every:
                 self.evolver = OnlineEvolver(self.bank, self._generate_text, every=cfg.online_update_every,
                                              success_threshold=cfg.online_success_threshold,
                                              max_new=cfg.online_max_new, cap=cfg.online_cap,
                                              render_fn=self._render_note_prompt, model_name=cfg.model,
                                              batch_size=cfg.generation_batch_size)
+        self.objective = objective_cls(cfg, teachers=self.teachers, retriever=self.retriever)
         self.metrics = MetricsLogger(self.run_dir, report_to=cfg.report_to)
         if resume is not None:
             self.metrics.rewrite(self.state["history"])  # drop rows logged after the checkpoint
@@ -271,28 +238,17 @@ class Trainer:
             out.append(self.train_problems[self._epoch_orders[epoch][idx % n]])
         return out
 
-    def _teacher_inputs(self, problems: list[Problem], completions: list[list[int]], length: int) -> dict[str, Any]:
-        cfg, pool = self.cfg, self.teachers
-        if cfg.method == "sgsd":
-            contexts, weights = retrieve_contexts(self.retriever, problems, cfg.num_teachers)
-            prompts = [[pool.prompt_ids(teacher_messages(p.question, c)) for c in ctxs]
-                       for p, ctxs in zip(problems, contexts)]
-            return {"teacher_logp": pool.score(prompts, completions, length),
-                    "teacher_weights": weights.to(self.device)}
-        prompts = [pool.prompt_ids(answer_conditioned_messages(p.question, p.answer)) for p in problems]
-        if cfg.method == "sampled_rkl":
-            return {"teacher_logp": pool.score([[p] for p in prompts], completions, length)}
-        hidden, head = pool.hidden(prompts, completions, length)
-        return {"teacher_hidden": hidden, "teacher_head": head}
-
     def _evaluate(self, step: int) -> dict[str, float]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        metrics = evaluate(self.model, self.tokenizer, self.eval_problems, self.verifier,
-                           max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, samples=cfg.eval_samples,
-                           temperature=cfg.eval_temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                           batch_size=cfg.generation_batch_size, seed=cfg.seed + 10**6 + step,
-                           chat_template=cfg.student_chat_template, thinking=cfg.student_thinking)
+        result = evaluate(self.model, self.tokenizer, self.eval_problems, self.verifier,
+                          max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, samples=cfg.eval_samples,
+                          temperature=cfg.eval_temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                          batch_size=cfg.generation_batch_size, seed=cfg.seed + 10**6 + step,
+                          chat_template=cfg.student_chat_template, thinking=cfg.student_thinking,
+                          fmt=cfg.answer_format, reject_repetition=cfg.reject_repetition)
+        metrics = result.metrics
+        write_eval_records(self.run_dir, step, result.records)
         row = {"step": step, "eval_step": step, **metrics, "time/eval": time.perf_counter() - t0}
         self.state["history"].append(row)
         self.metrics.log(row)
@@ -307,7 +263,8 @@ class Trainer:
                                    f"(the last checkpoint in {str(self.run_dir)!r} is kept)")
         path = save_checkpoint(self.run_dir, step, model=self.model, tokenizer=self.tokenizer,
                                optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=self.state,
-                               config_yaml=self.cfg.to_yaml(), teacher_state=self.teachers.weights.state_dict(),
+                               config_yaml=self.cfg.to_yaml(),
+                               teacher_state=self.teachers.params.state_dict() if self.teachers else None,
                                bank_path=self.bank_path, save_total_limit=self.cfg.save_total_limit)
         self.state["last_checkpoint"] = str(path)
         return path
@@ -318,35 +275,39 @@ class Trainer:
         """Run step `step` (0-based) and return its metrics row (logged as step + 1)."""
         cfg, times = self.cfg, {}
         t_start = time.perf_counter()
-        problems = self.batch_problems(step)
+        # Each problem's num_generations rollouts are adjacent (a GRPO group); each row samples on its own.
+        problems = [p for p in self.batch_problems(step) for _ in range(cfg.num_generations)]
         prompts = student_prompts(self.tokenizer, [p.question for p in problems],
-                                  chat_template=cfg.student_chat_template, thinking=cfg.student_thinking)
+                                  chat_template=cfg.student_chat_template, thinking=cfg.student_thinking,
+                                  fmt=cfg.answer_format)
         t = time.perf_counter()
-        if hasattr(self.engine, "sync_weights"):  # engines holding their own copy of the weights (vLLM)
-            self.engine.sync_weights(self.model)
+        self.engine.sync_weights(self.model)
         rollouts = self.engine.generate(prompts, seed=cfg.seed + step)
         times["time/generate"] = time.perf_counter() - t
 
         t = time.perf_counter()
         verdict = self.verifier.score(rollouts.completion_texts, [p.answer for p in problems])
+        gated, loops = gate_repetitive(rollouts.completion_texts, verdict.rewards)
         times["time/verify"] = time.perf_counter() - t
-        rewards = torch.tensor(verdict.rewards, dtype=torch.float32, device=self.device)
+        rewards = torch.tensor(gated if cfg.reject_repetition else verdict.rewards, dtype=torch.float32,
+                               device=self.device)
 
         completions = [list(c) for c in rollouts.completion_ids]
         length = max(1, max(len(c) for c in completions))
         t = time.perf_counter()
-        teacher = self._teacher_inputs(problems, completions, length)
+        payload = self.objective.prepare(Rollouts(problems=problems, completions=completions, length=length,
+                                                  rewards=rewards))
         times["time/teachers"] = time.perf_counter() - t
 
         mask = self.masker.mask(completions, length).to(self.device)
         inputs = StepInputs(prompt_ids=rollouts.prompt_ids, completion_ids=completions, mask=mask,
-                            rewards=rewards, **teacher)
+                            rewards=rewards, payload=payload)
         t = time.perf_counter()
-        result = update_step(self.model, self.optimizer, self.scheduler, inputs, cfg,
+        result = update_step(self.model, self.optimizer, self.scheduler, self.objective, inputs, cfg,
                              pad_id=self.tokenizer.pad_token_id)
         times["time/update"] = time.perf_counter() - t
-        if not result.skipped:
-            self.teachers.weights.update()
+        if not result.skipped and self.teachers is not None:
+            self.teachers.params.update()
 
         online: dict[str, Any] = {}
         if self.evolver is not None:
@@ -367,6 +328,7 @@ class Trainer:
             "loss": result.loss,
             "reward": float(rewards.mean()),
             "format_rate": sum(x is not None for x in verdict.extracted) / len(verdict.extracted),
+            "repetition_rate": sum(loops) / len(loops),
             "grad_norm": result.grad_norm,
             "lr": result.lr,
             "skipped": int(result.skipped),
@@ -378,7 +340,7 @@ class Trainer:
             "completion_length/max": max(lengths),
             "truncation_rate": sum(rollouts.truncated) / len(rollouts.truncated),
             "mask_tokens": int(mask.sum()),
-            "num_teachers": int(teacher["teacher_logp"].shape[1]) if "teacher_logp" in teacher else 1,
+            "num_teachers": payload.num_teachers,
             **result.metrics,
             **{f"online/{k}": v for k, v in online.items() if isinstance(v, (int, float))},
             **times,
@@ -387,9 +349,9 @@ class Trainer:
         }
         if cfg.log_completions:
             with (self.run_dir / "completions.jsonl").open("a") as fh:
-                for p, text, r in list(zip(problems, rollouts.completion_texts, verdict.rewards))[:cfg.log_completions]:
+                for p, text, r in list(zip(problems, rollouts.completion_texts, rewards.tolist()))[:cfg.log_completions]:
                     fh.write(json.dumps({"step": step + 1, "problem_id": p.id, "question": p.question,
-                                         "answer": p.answer, "completion": text, "reward": r}) + "\n")
+                                         "answer": p.answer, "completion": text, "reward": float(r)}) + "\n")
         return row
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -450,6 +412,8 @@ class Trainer:
                 signal.signal(signal.SIGINT, previous)
         plot = plot_curves(self.state["history"], self.run_dir / PLOT_FILE)
         summary = self._summary(interrupted, checkpoint, plot, time.perf_counter() - t_run)
+        if not interrupted:  # a finished run's marker: `sgsd-fast compare` skips runs that have one
+            (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         self.log(self._summary_text(summary))
         return summary
 
@@ -477,12 +441,30 @@ class Trainer:
             "plot": str(plot),
             "eval_before": evals[0] if evals else None,
             "eval_after": evals[-1] if len(evals) > 1 else None,
+            "comparison": self._comparison(evals),
             "skipped_steps": self.state["skipped_steps"],
             "verifier_timeouts": self.state["verifier_timeouts"],
             "mean_reward": sum(r["reward"] for r in train) / len(train) if train else None,
             "wall_time_s": wall,
             "peak_memory_mb": peak_memory_mb(self.device),
         }
+
+    def _comparison(self, evals: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """Paired before/after comparison of the first and last evaluation, written to comparison.json.
+
+        Clustered by the problems' computation keys where they have them (the built-in task)."""
+        if len(evals) < 2:
+            return None
+        first, last = (read_eval_records(self.run_dir, int(r["eval_step"])) for r in (evals[0], evals[-1]))
+        if first is None or last is None or [r["id"] for r in first] != [r["id"] for r in last]:
+            return None
+        keys = [r.get("key") for r in first]
+        cmp = paired_comparison([r["correct"] for r in first], [r["correct"] for r in last],
+                                clusters=keys if all(k is not None for k in keys) else None, seed=self.cfg.seed)
+        out = {**cmp.to_dict(), "before_step": int(evals[0]["eval_step"]), "after_step": int(evals[-1]["eval_step"]),
+               "text": cmp.text()}
+        (self.run_dir / "comparison.json").write_text(json.dumps(out, indent=2) + "\n")
+        return out
 
     @staticmethod
     def _summary_text(s: dict[str, Any]) -> str:
@@ -491,10 +473,12 @@ class Trainer:
         if s["interrupted"]:
             lines.append(f"interrupted; resume with: sgsd-fast train --resume {s['checkpoint']}")
         before, after = s["eval_before"], s["eval_after"]
-        for key in ("eval/accuracy", "eval/avg_at_k", "eval/format_rate"):
+        for key in ("eval/accuracy", "eval/avg_at_k", "eval/format_rate", "eval/repetition_rate"):
             if before and key in before:
                 tail = f" -> {after[key]:.3f} (step {after['eval_step']})" if after and key in after else ""
                 lines.append(f"{key:<18} {before[key]:.3f} (step {before['eval_step']}){tail}")
+        if s.get("comparison"):
+            lines.append(f"paired comparison: {s['comparison']['text']}")
         lines.append(f"skipped steps: {s['skipped_steps']}, verifier timeouts: {s['verifier_timeouts']}, "
                      f"plot: {s['plot']}")
         return "\n".join(lines)

@@ -1,7 +1,8 @@
 """`sgsd-fast skills ...`: build, inspect, export/import and diff skill banks.
 
-This is the top-level wiring for the cold start: it is the one place in the skill-bank code that
-touches the model stack (loader, rollout engine, verifier), imported lazily inside `build`.
+This is the wiring of the cold start: the skill-bank library (`sgsd_fast.skills`) never touches the
+model stack; this command brings the loader, a rollout engine and the verifier to it, imported
+lazily inside `build`.
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .items import FIELDS, SkillItem
-from .store import SkillBank, kind_counts, remove_bank_files
+from sgsd_fast.skills.items import FIELDS, SkillItem
+from sgsd_fast.skills.store import SkillBank, kind_counts, remove_bank_files
 
 _PROG = "sgsd-fast skills"
 
@@ -173,9 +174,8 @@ def model_callables(model: Any, tokenizer: Any, *, max_new_tokens: int, extract_
     each with its own length limit (merge replies list up to a whole group of notes).
     """
     from sgsd_fast.prompts import render_prompt
-    from sgsd_fast.train.rollout import HFRolloutEngine
-
-    from .items import problem_hash
+    from sgsd_fast.rollout import HFRolloutEngine
+    from sgsd_fast.skills.items import problem_hash
 
     sampler = HFRolloutEngine(model, tokenizer, max_new_tokens=max_new_tokens, temperature=1.0,
                               batch_size=batch_size)
@@ -200,9 +200,8 @@ def model_callables(model: Any, tokenizer: Any, *, max_new_tokens: int, extract_
 
 def _cmd_build(args: argparse.Namespace) -> int:
     from sgsd_fast.models import load_model_and_tokenizer
+    from sgsd_fast.skills import build_bank
     from sgsd_fast.verify import Verifier
-
-    from .builder import build_bank
 
     problems = load_build_problems(args.data, seed=args.seed, split=args.split, limit=args.limit)
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)

@@ -1,7 +1,7 @@
-"""The `sgsd-fast` command: one entry point, one sub-command per job.
+"""The `sgsd-fast` command: one entry point, one sub-command per module of this package.
 
-Each sub-command lives with the code it drives and exposes `main(argv) -> int`; this file only
-routes, so `sgsd-fast --help` stays fast (heavy imports happen inside the chosen job).
+Each sub-command module exposes `main(argv) -> int` and does the wiring only (arguments -> the
+library); this file routes, importing the chosen module alone, so `sgsd-fast --help` stays fast.
 """
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train": ("sgsd_fast.train.cli", "Train with SGSD / OPSD / sampled-token RKL (default: embedded SmolLM2 job)."),
-    "eval": ("sgsd_fast.train.cli_eval", "Evaluate a model or checkpoint on held-out problems."),
-    "skills": ("sgsd_fast.skills.cli", "Build, inspect, import/export and diff skill banks."),
-    "bench": ("sgsd_fast.bench", "Run a benchmark preset: fused kernels vs naive vs peers."),
+    "train": ("sgsd_fast.commands.train",
+              "Train with SGSD / OPSD / sampled-token RKL / GRPO (default: embedded SmolLM2 job)."),
+    "eval": ("sgsd_fast.commands.eval", "Evaluate a model or checkpoint on held-out problems."),
+    "compare": ("sgsd_fast.commands.compare", "Train several methods at equal budget; paired accuracy table."),
+    "skills": ("sgsd_fast.commands.skills", "Build, inspect, import/export and diff skill banks."),
+    "bench": ("sgsd_fast.commands.bench", "Run a benchmark preset: fused kernels vs naive vs peers."),
 }
 
 
@@ -39,7 +41,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.main(rest) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

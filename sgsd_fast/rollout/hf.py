@@ -1,4 +1,4 @@
-"""Student rollouts with Hugging Face `generate` (KV cache, left padding, exact completion ids).
+"""Rollouts with Hugging Face `generate` (KV cache, left padding, exact completion ids): the tested engine.
 
 The completion of each prompt is the token ids generated after it, up to and including the
 first EOS; the padding HF appends to sequences that finished early is dropped. A rollout with no
@@ -9,41 +9,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["HFRolloutEngine", "RolloutBatch"]
+from sgsd_fast.rollout.base import RolloutBatch, check_prompts
 
-
-@dataclass
-class RolloutBatch:
-    """Rollouts in the order of the prompts that produced them.
-
-    prompt_ids: the prompt's token ids (no padding). completion_ids: generated ids, ending with
-    the EOS id unless truncated. completion_texts: completions decoded without special tokens.
-    truncated: no EOS within the token budget. seconds: wall time spent generating.
-    """
-
-    prompt_ids: list[list[int]]
-    completion_ids: list[list[int]]
-    completion_texts: list[str]
-    truncated: list[bool]
-    seconds: float = 0.0
-
-    def __len__(self) -> int:
-        return len(self.completion_ids)
-
-    @property
-    def num_completion_tokens(self) -> int:
-        return sum(len(ids) for ids in self.completion_ids)
-
-    @property
-    def tokens_per_second(self) -> float:
-        """Generated tokens per wall-clock second (0.0 when nothing was timed)."""
-        return self.num_completion_tokens / self.seconds if self.seconds > 0 else 0.0
+__all__ = ["HFRolloutEngine"]
 
 
 def _eos_ids(model: nn.Module, tokenizer: Any) -> list[int]:
@@ -58,7 +31,7 @@ def _eos_ids(model: nn.Module, tokenizer: Any) -> list[int]:
 
 
 class HFRolloutEngine:
-    """Batched sampling from a transformers causal LM.
+    """Batched sampling from a transformers causal LM (a `RolloutEngine`).
 
     Args:
         model: the policy (a transformers model, possibly peft-wrapped).
@@ -103,6 +76,9 @@ class HFRolloutEngine:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.pad_id: int = pad
 
+    def sync_weights(self, model: nn.Module) -> None:
+        """Nothing to do: this engine samples from the policy module itself, never from a copy."""
+
     def _generation_config(self, greedy: bool) -> Any:
         from transformers import GenerationConfig
 
@@ -139,18 +115,13 @@ class HFRolloutEngine:
         """One completion per prompt.
 
         Args:
-            prompts: rendered prompt strings.
+            prompts: rendered prompt strings. Repeated prompts get independent samples (each row
+                of a batch draws its own tokens), which is how a GRPO group is sampled.
             seed: makes sampling reproducible (the global RNG state is restored afterwards);
                 None samples from the global RNG.
             greedy: argmax decoding (ignores temperature/top-p/top-k).
         """
-        if isinstance(prompts, str):
-            raise TypeError("prompts must be a sequence of str, not a single str")
-        for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str) or not prompt:
-                raise ValueError(f"prompts[{i}] must be a non-empty str, got {prompt!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be None or an int, got {seed!r}")
+        check_prompts(prompts, seed)
 
         prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         completions: list[list[int]] = [[] for _ in prompts]

@@ -1,4 +1,4 @@
-"""`sgsd-fast train`: train with SGSD / OPSD / sampled-token RKL.
+"""`sgsd-fast train`: train with SGSD / OPSD / sampled-token RKL / GRPO.
 
     sgsd-fast train                                   # the embedded CPU job (SmolLM2-135M, built-in task)
     sgsd-fast train --config configs/paper_qwen3_1p7b.yaml --dataset dapo.parquet

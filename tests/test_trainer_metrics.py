@@ -5,7 +5,7 @@ import importlib.util
 
 import pytest
 
-from sgsd_fast.train.logging import MetricsLogger, plot_curves, read_metrics
+from sgsd_fast.train.metrics import MetricsLogger, plot_curves, read_metrics
 
 
 def test_rows_round_trip_and_rewrite(tmp_path):

@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", metavar="DIR", help="A checkpoint-<step> folder written by `sgsd-fast train`.")
     parser.add_argument("--config", metavar="FILE", help="YAML file of config fields.")
     parser.add_argument("--output", metavar="FILE", help="Also write the metrics as JSON to FILE.")
+    parser.add_argument("--records", metavar="FILE", help="Also write one JSON line per problem (id, computation "
+                        "key, correct, looping, completion) to FILE: the input of a paired comparison.")
     add_config_arguments(parser)
     return parser
 
@@ -46,24 +48,26 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     from sgsd_fast.train.checkpoint import load_model_weights
     from sgsd_fast.train.evaluate import evaluate
-    from sgsd_fast.train.trainer import build_model, load_eval_problems
-    from sgsd_fast.verify import Verifier
+    from sgsd_fast.train.setup import build_model, build_verifier, load_eval_problems
 
     model, tokenizer = build_model(cfg)
     if ns.checkpoint:
         load_model_weights(model, Path(ns.checkpoint) / "model")
     problems = load_eval_problems(cfg)
-    with Verifier(num_workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s,
-                  answer_phrase=cfg.answer_phrase) as verifier:
-        metrics = evaluate(model, tokenizer, problems, verifier,
-                           max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, samples=cfg.eval_samples,
-                           temperature=cfg.eval_temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                           batch_size=cfg.generation_batch_size, seed=cfg.seed,
-                           chat_template=cfg.student_chat_template, thinking=cfg.student_thinking)
+    with build_verifier(cfg) as verifier:
+        result = evaluate(model, tokenizer, problems, verifier,
+                          max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, samples=cfg.eval_samples,
+                          temperature=cfg.eval_temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                          batch_size=cfg.generation_batch_size, seed=cfg.seed,
+                          chat_template=cfg.student_chat_template, thinking=cfg.student_thinking,
+                          fmt=cfg.answer_format, reject_repetition=cfg.reject_repetition)
+    metrics = result.metrics
     source = ns.checkpoint or cfg.model
     print(f"model: {source}  ({len(problems)} problems from {cfg.eval_dataset!r})")
     for key, value in metrics.items():
         print(f"  {key:<24} {value:.4f}")
+    if ns.records:
+        Path(ns.records).write_text("".join(json.dumps(r) + "\n" for r in result.records))
     if ns.output:
         Path(ns.output).write_text(json.dumps({"model": source, **metrics}, indent=1))
     return 0

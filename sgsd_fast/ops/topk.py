@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch.autograd.function import once_differentiable
 
-from sgsd_fast.losses import _checks as c
+from sgsd_fast.ops import common as c
 from sgsd_fast.ops.reference import divergence_per_entry
 
 RowFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -35,10 +35,12 @@ def teacher_topk_divergence(
     kind: str = "jsd",
     beta: float = 0.5,
     temperature: float = 1.0,
-    teacher_weight: torch.Tensor | None = None,
+    teacher_head: torch.Tensor | None = None,
     entry_clip: float | None = None,
-    ignore_mask: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
     chunk_size: int = 512,
+    ignore_mask: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean over valid rows of D(p_T^k || p_S^k) on the teacher's top-k support, renormalized.
 
@@ -50,11 +52,14 @@ def teacher_topk_divergence(
         kind, beta: "fkl" = KL(p_T || p_S), "rkl" = KL(p_S || p_T), "jsd" = generalized JSD_beta in
             the GKD convention (beta = 0 is fkl, beta = 1 is rkl; SPEC §6), all on the support.
         temperature: logits are divided by it on both sides (OPSD: the sampling temperature 1.1).
-        teacher_weight: [V, H] lm_head of the teacher; None = `weight` (self-distillation), used
+        teacher_head: [V, H] lm_head of the teacher; None = `weight` (self-distillation), used
             detached for the teacher side.
         entry_clip: if set, each support summand is capped at this value (max only) before the sum.
-        ignore_mask: [N] bool, True = row ignored (no loss, no gradient, no GEMM FLOPs).
+        mask: [N] bool, True = row counts; False rows get no loss, no gradient and no GEMM FLOPs.
+            None = every row counts.
         chunk_size: rows per chunk; peak extra memory is a few chunk_size x V fp32 buffers.
+        ignore_mask, teacher_weight: deprecated spellings of ``~mask`` and ``teacher_head``
+            (translated, with a DeprecationWarning).
 
     Returns:
         (loss, metrics): loss = sum over valid rows / max(1, #valid) (0 with zero gradients when
@@ -68,7 +73,9 @@ def teacher_topk_divergence(
         raise ValueError(f"beta must lie in [0, 1], got {beta!r}")
     if entry_clip is not None:
         entry_clip = c.check_number("entry_clip", entry_clip, minimum=float("-inf"), inclusive=False)
-    vocab = _check_common(student_hidden, weight, teacher_hidden, teacher_weight, ignore_mask, temperature, chunk_size)
+    teacher_head = c.renamed("teacher_topk_divergence", "teacher_head", teacher_head, "teacher_weight", teacher_weight)
+    mask = c.row_mask("teacher_topk_divergence", mask, ignore_mask)
+    vocab = _check_common(student_hidden, weight, teacher_hidden, teacher_head, mask, temperature, chunk_size)
     _check_k(k, 1, vocab, "V")
 
     def rows(zs: torch.Tensor, zt: torch.Tensor):
@@ -82,7 +89,7 @@ def teacher_topk_divergence(
             t_mass = (torch.logsumexp(t_top, -1) - torch.logsumexp(zt, -1)).exp()
         return entries.sum(-1), s_mass, t_mass
 
-    return _chunked(student_hidden, weight, teacher_hidden, teacher_weight, ignore_mask, temperature, chunk_size, rows)
+    return _chunked(student_hidden, weight, teacher_hidden, teacher_head, mask, temperature, chunk_size, rows)
 
 
 def student_topk_tail_divergence(
@@ -93,9 +100,11 @@ def student_topk_tail_divergence(
     k: int = 100,
     alpha: float = 0.5,
     temperature: float = 1.0,
-    teacher_weight: torch.Tensor | None = None,
-    ignore_mask: torch.Tensor | None = None,
+    teacher_head: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
     chunk_size: int = 512,
+    ignore_mask: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean over valid rows of JSD_alpha over the student's top-k ids plus one tail bucket.
 
@@ -112,7 +121,10 @@ def student_topk_tail_divergence(
     alpha = c.check_number("alpha", alpha, minimum=0.0, inclusive=True)
     if alpha > 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}")
-    vocab = _check_common(student_hidden, weight, teacher_hidden, teacher_weight, ignore_mask, temperature, chunk_size)
+    teacher_head = c.renamed("student_topk_tail_divergence", "teacher_head", teacher_head,
+                             "teacher_weight", teacher_weight)
+    mask = c.row_mask("student_topk_tail_divergence", mask, ignore_mask)
+    vocab = _check_common(student_hidden, weight, teacher_hidden, teacher_head, mask, temperature, chunk_size)
     _check_k(k, 1, vocab - 1, "V - 1 (the tail bucket must not be empty)")
 
     def rows(zs: torch.Tensor, zt: torch.Tensor):
@@ -126,7 +138,7 @@ def student_topk_tail_divergence(
             s_mass, t_mass = torch.logsumexp(s_top, -1).exp(), torch.logsumexp(t_top, -1).exp()
         return entries.sum(-1), s_mass, t_mass
 
-    return _chunked(student_hidden, weight, teacher_hidden, teacher_weight, ignore_mask, temperature, chunk_size, rows)
+    return _chunked(student_hidden, weight, teacher_hidden, teacher_head, mask, temperature, chunk_size, rows)
 
 
 def _check_k(k, low: int, high: int, high_doc: str) -> None:
@@ -134,7 +146,7 @@ def _check_k(k, low: int, high: int, high_doc: str) -> None:
         raise ValueError(f"k must be an integer in [{low}, {high_doc}] = [{low}, {high}], got {k!r}")
 
 
-def _check_common(student_hidden, weight, teacher_hidden, teacher_weight, ignore_mask, temperature, chunk_size) -> int:
+def _check_common(student_hidden, weight, teacher_hidden, teacher_head, mask, temperature, chunk_size) -> int:
     c.check_float_tensor("student_hidden", student_hidden, 2, "[N, H]")
     c.check_float_tensor("weight", weight, 2, "[V, H]")
     c.check_float_tensor("teacher_hidden", teacher_hidden, 2, "[N, H]")
@@ -144,13 +156,13 @@ def _check_common(student_hidden, weight, teacher_hidden, teacher_weight, ignore
         raise ValueError("weight must have at least one vocabulary row, got shape [0, H]")
     c.check_shape("teacher_hidden", teacher_hidden, (n, h), "[N, H] (same as student_hidden)")
     tensors = {"student_hidden": student_hidden, "weight": weight, "teacher_hidden": teacher_hidden}
-    if teacher_weight is not None:
-        c.check_float_tensor("teacher_weight", teacher_weight, 2, "[V, H]")
-        c.check_shape("teacher_weight", teacher_weight, tuple(weight.shape), "[V, H] (same as weight)")
-        tensors["teacher_weight"] = teacher_weight
-    if ignore_mask is not None:
-        c.check_bool_mask("ignore_mask", ignore_mask, (n,), "[N] (True = row ignored)")
-        tensors["ignore_mask"] = ignore_mask
+    if teacher_head is not None:
+        c.check_float_tensor("teacher_head", teacher_head, 2, "[V, H]")
+        c.check_shape("teacher_head", teacher_head, tuple(weight.shape), "[V, H] (same as weight)")
+        tensors["teacher_head"] = teacher_head
+    if mask is not None:
+        c.check_bool_mask("mask", mask, (n,), "[N] (True = row counts)")
+        tensors["mask"] = mask
     c.check_same_device(**tensors)
     c.check_number("temperature", temperature, minimum=0.0, inclusive=False)
     if not isinstance(chunk_size, numbers.Integral) or isinstance(chunk_size, bool) or chunk_size < 1:
@@ -158,14 +170,14 @@ def _check_common(student_hidden, weight, teacher_hidden, teacher_weight, ignore
     return weight.shape[0]
 
 
-def _chunked(student_hidden, weight, teacher_hidden, teacher_weight, ignore_mask, temperature, chunk_size, rows: RowFn):
+def _chunked(student_hidden, weight, teacher_hidden, teacher_head, mask, temperature, chunk_size, rows: RowFn):
     n = student_hidden.shape[0]
-    keep = torch.ones(n, dtype=torch.bool, device=student_hidden.device) if ignore_mask is None else ~ignore_mask
+    keep = torch.ones(n, dtype=torch.bool, device=student_hidden.device) if mask is None else mask
     # Compacting the valid rows first (one host sync) spares the ignored rows their GEMM FLOPs.
     valid = keep.nonzero().squeeze(1)
-    teacher_weight = None if teacher_weight is None else teacher_weight.detach()
+    teacher_head = None if teacher_head is None else teacher_head.detach()
     loss, stats = _ChunkedStudentDivergence.apply(
-        student_hidden, weight, teacher_hidden.detach(), teacher_weight, valid, rows, float(temperature), chunk_size
+        student_hidden, weight, teacher_hidden.detach(), teacher_head, valid, rows, float(temperature), chunk_size
     )
     values = torch.cat([loss.detach().reshape(1), stats]).tolist()
     return loss, dict(zip(_METRIC_NAMES, values))

@@ -1,4 +1,4 @@
-"""An optional vLLM rollout engine with the same interface as `HFRolloutEngine`.
+"""An optional vLLM rollout engine (a `RolloutEngine`, like `HFRolloutEngine`).
 
 vLLM is a CUDA-only extra (`pip install sgsd-fast[vllm]`). It keeps its own copy of the weights,
 so after every optimizer step the trainer calls `sync_weights(model)` to push the policy into it
@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from sgsd_fast.train.rollout import RolloutBatch
+from sgsd_fast.models import is_peft_model
+from sgsd_fast.rollout.base import RolloutBatch, check_prompts
 
 __all__ = ["VLLMRolloutEngine"]
 
@@ -34,7 +35,7 @@ def _import_vllm() -> Any:
 
 def _policy_state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs of the policy in plain HF naming; LoRA weights merged, adapters kept."""
-    if hasattr(model, "merge_adapter") and hasattr(model, "unmerge_adapter"):
+    if is_peft_model(model):
         model.merge_adapter()
         try:
             for name, tensor in model.get_base_model().state_dict().items():
@@ -85,15 +86,17 @@ class VLLMRolloutEngine:
         self.llm.reset_prefix_cache()
 
     def generate(self, prompts: Sequence[str], *, seed: int | None = None, greedy: bool = False) -> RolloutBatch:
-        if isinstance(prompts, str):
-            raise TypeError("prompts must be a sequence of str, not a single str")
-        params = self._sampling_params(
-            n=1, max_tokens=self.max_new_tokens, seed=seed,
+        """One completion per prompt. With a seed, prompt i samples with seed + i: vLLM seeds each
+        request on its own, so one shared seed would give a repeated prompt (a GRPO group) the
+        same completion every time."""
+        check_prompts(prompts, seed)
+        params = [self._sampling_params(
+            n=1, max_tokens=self.max_new_tokens, seed=None if seed is None else seed + i,
             temperature=0.0 if greedy else self.temperature,
             top_p=1.0 if greedy else self.top_p,
             top_k=-1 if greedy or self.top_k == 0 else self.top_k,
             skip_special_tokens=True,
-        )
+        ) for i in range(len(prompts))]
         start = time.perf_counter()
         outputs = self.llm.generate(list(prompts), params, use_tqdm=False)
         seconds = time.perf_counter() - start

@@ -1,0 +1,64 @@
+"""What every rollout engine returns and promises: `RolloutBatch` and the `RolloutEngine` protocol."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from torch import nn
+
+
+@dataclass
+class RolloutBatch:
+    """Rollouts in the order of the prompts that produced them.
+
+    prompt_ids: the prompt's token ids (no padding). completion_ids: generated ids, ending with
+    the EOS id unless truncated. completion_texts: completions decoded without special tokens.
+    truncated: no EOS within the token budget. seconds: wall time spent generating.
+    """
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    completion_texts: list[str]
+    truncated: list[bool]
+    seconds: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return sum(len(ids) for ids in self.completion_ids)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens per wall-clock second (0.0 when nothing was timed)."""
+        return self.num_completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class RolloutEngine(Protocol):
+    """A sampler of completions for rendered prompts (HF `generate` or vLLM).
+
+    The trainer calls `sync_weights(policy)` before every step's rollouts, so an engine that keeps
+    its own copy of the weights (vLLM) samples from the current policy; an engine that samples
+    from the policy module itself (HF) does nothing there.
+    """
+
+    def generate(self, prompts: Sequence[str], *, seed: int | None = None, greedy: bool = False) -> RolloutBatch:
+        """One completion per prompt, in prompt order; `seed` makes sampling reproducible."""
+        ...
+
+    def sync_weights(self, model: nn.Module) -> None:
+        """Make the next `generate` sample from `model`'s current weights."""
+        ...
+
+
+def check_prompts(prompts: Sequence[str], seed: int | None) -> None:
+    """The arguments every engine's `generate` accepts: non-empty strings and an int seed (or None)."""
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a sequence of str, not a single str")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError(f"prompts[{i}] must be a non-empty str, got {prompt!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be None or an int, got {seed!r}")

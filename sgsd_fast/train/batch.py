@@ -1,0 +1,128 @@
+"""The student's and the teachers' model inputs, and which completion tokens count.
+
+* `pack` lays a batch out as ``[left pad][prompt][completion][right pad]`` so every completion
+  starts at the same column and the position ids, taken from the cumulative attention mask,
+  continue from the prompt without a gap (SPEC §1: the teacher scores the identical ids);
+* `forward_hidden` runs the decoder on it and keeps the final-norm states that predict the
+  completion tokens, [B, T, H] (the fused ops take it from there; the lm_head never runs);
+* `TokenMasker` builds the SPEC §3 token mask M_t.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from sgsd_fast.models import decoder
+from sgsd_fast.ops import IGNORE_INDEX
+
+_NEWLINES_ONLY = re.compile(r"\n{1,8}")
+_ADDED_CONTROL = re.compile(r"<\|.*\|>")
+_THINK_TAGS = ("<think>", "</think>")
+
+
+@dataclass
+class PackedBatch:
+    """``[left pad][prompt][completion][right pad]`` rows; completion token j sits at column start + j.
+
+    The hidden state that predicts completion token j is at column start + j - 1, so
+    ``hidden[:, start - 1 : start - 1 + T]`` lines up with ``targets`` ([B, T]).
+    """
+
+    input_ids: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, L]
+    position_ids: torch.Tensor  # [B, L]
+    targets: torch.Tensor  # [B, T], IGNORE_INDEX after each completion's end
+    start: int  # column of the first completion token
+
+    def completion_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, L, H] -> [B, T, H]: the states that predict the completion tokens."""
+        t = self.targets.shape[1]
+        return hidden[:, self.start - 1 : self.start - 1 + t]
+
+
+def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *, pad_id: int,
+         length: int | None = None, device: torch.device | str = "cpu") -> PackedBatch:
+    """Left-pad prompts and right-pad completions to `length` (default: the longest completion)."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"prompts ({len(prompts)}) and completions ({len(completions)}) must have the same length")
+    if not prompts:
+        raise ValueError("cannot pack an empty batch")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (the state before the first completion token)")
+    t = max(len(c) for c in completions) if length is None else length
+    if t < 1 or any(len(c) > t for c in completions):
+        raise ValueError(f"length={t} must be >= 1 and >= every completion's length")
+    p = max(len(x) for x in prompts)
+    b = len(prompts)
+    ids = torch.full((b, p + t), pad_id, dtype=torch.long)
+    att = torch.zeros((b, p + t), dtype=torch.long)
+    targets = completion_targets(completions, t)
+    for i, (pr, co) in enumerate(zip(prompts, completions)):
+        ids[i, p - len(pr) : p] = torch.tensor(list(pr), dtype=torch.long)
+        att[i, p - len(pr) : p + len(co)] = 1
+        ids[i, p : p + len(co)] = targets[i, : len(co)]
+    # Positions count real tokens only: the completion continues right after the prompt whatever
+    # the left padding, exactly as in an unpadded forward.
+    pos = (att.cumsum(-1) - 1).clamp(min=0)
+    return PackedBatch(ids.to(device), att.to(device), pos.to(device), targets.to(device), p)
+
+
+def completion_targets(completions: Sequence[Sequence[int]], length: int,
+                       device: torch.device | str = "cpu") -> torch.Tensor:
+    """[B, length] int64: each completion's ids, then IGNORE_INDEX (what `pack` puts in `targets`)."""
+    targets = torch.full((len(completions), length), IGNORE_INDEX, dtype=torch.long)
+    for i, ids in enumerate(completions):
+        targets[i, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
+    return targets.to(device)
+
+
+def forward_hidden(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
+    """Final-norm hidden states [B, T, H] at the positions that predict the completion tokens."""
+    out = decoder(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         position_ids=batch.position_ids, use_cache=False)
+    return batch.completion_hidden(out.last_hidden_state)
+
+
+class TokenMasker:
+    """Decides which completion tokens count in the SGSD loss (SPEC §3 token mask M_t).
+
+    Excluded: the tokenizer's special ids (so EOS), added tokens spelled ``<|...|>``, ``<think>`` /
+    ``</think>``, and tokens that decode to 1-8 newlines only. With ``keep_eos=True`` (OPSD's
+    convention) the EOS id is kept while the other rules still apply. Decisions are cached per id,
+    so only ids that actually occur are ever decoded.
+    """
+
+    def __init__(self, tokenizer: Any, *, keep_eos: bool = False) -> None:
+        self.tokenizer = tokenizer
+        excluded = set(int(i) for i in tokenizer.all_special_ids)
+        for text, idx in tokenizer.get_added_vocab().items():
+            if _ADDED_CONTROL.fullmatch(text) or text in _THINK_TAGS:
+                excluded.add(int(idx))
+        if keep_eos and tokenizer.eos_token_id is not None:
+            excluded.discard(int(tokenizer.eos_token_id))
+        self._excluded = excluded
+        self._cache: dict[int, bool] = {}
+
+    def keep(self, token_id: int) -> bool:
+        token_id = int(token_id)
+        if token_id not in self._cache:
+            if token_id in self._excluded:
+                self._cache[token_id] = False
+            else:
+                text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+                self._cache[token_id] = not (_NEWLINES_ONLY.fullmatch(text) or text in _THINK_TAGS)
+        return self._cache[token_id]
+
+    def mask(self, completion_ids: Sequence[Sequence[int]], length: int) -> torch.Tensor:
+        """[B, length] bool: True where a completion token counts; padding is False."""
+        out = torch.zeros(len(completion_ids), length, dtype=torch.bool)
+        for b, ids in enumerate(completion_ids):
+            if len(ids) > length:
+                raise ValueError(f"completion {b} has {len(ids)} tokens, more than length={length}")
+            out[b, : len(ids)] = torch.tensor([self.keep(t) for t in ids], dtype=torch.bool)
+        return out
