@@ -2,6 +2,8 @@
 
 Each sub-command module exposes `main(argv) -> int` and does the wiring only (arguments -> the
 library); this file routes, importing the chosen module alone, so `sgsd-fast --help` stays fast.
+Every command reports a user error as one line and status 2 (`commands.errors`); ``--debug``,
+before or after the command name, adds the traceback.
 """
 from __future__ import annotations
 
@@ -19,14 +21,18 @@ COMMANDS = {
 
 
 def _usage() -> str:
-    lines = ["usage: sgsd-fast <command> [options]", "", "commands:"]
+    lines = ["usage: sgsd-fast [--debug] <command> [options]", "", "commands:"]
     lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "Run `sgsd-fast <command> --help` for a command's options."]
+    lines += ["", "Run `sgsd-fast <command> --help` for a command's options.",
+              "--debug: print an error's traceback, not only its one-line message."]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = argv[:1] == ["--debug"]
+    if debug:  # the command itself reads it, wherever it stands
+        argv = argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
@@ -40,4 +46,4 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sgsd-fast: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    return int(module.main(rest + ["--debug"] if debug else rest) or 0)

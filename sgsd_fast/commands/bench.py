@@ -16,11 +16,13 @@ import sys
 import time
 from pathlib import Path
 
+from sgsd_fast.commands.errors import DEBUG_HELP, run_command, split_debug
+
 
 def _parser() -> argparse.ArgumentParser:
     from sgsd_fast.bench.presets import PRESETS
 
-    p = argparse.ArgumentParser(prog="sgsd-fast bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="sgsd-fast bench", description=__doc__.split("\n\n")[0], epilog=DEBUG_HELP)
     p.add_argument("--preset", default="cpu-small", choices=list(PRESETS),
                    help="what to run (default: cpu-small, under 3 minutes on 2 CPU cores)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="results directory (default: bench-results)")
@@ -35,7 +37,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv, debug = split_debug(argv)
     args = _parser().parse_args(argv)
+    return run_command("sgsd-fast bench", lambda: _bench(args), debug=debug)
+
+
+def _bench(args: argparse.Namespace) -> int:
     import torch
 
     # liger's Triton kernels can only run on CPU tensors through the interpreter, chosen before triton loads.
@@ -44,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     from sgsd_fast.bench import report
 
     if args.render is not None:
-        result = json.loads(args.render.read_text())
+        try:
+            result = json.loads(args.render.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"--render: {str(args.render)!r} is not a results JSON file ({err})") from err
     else:
         result = _run(args.preset, args.only, args.threads, args.out)
         if result is None:

@@ -15,6 +15,7 @@ import argparse
 import platform
 from pathlib import Path
 
+from sgsd_fast.commands.errors import DEBUG_HELP, run_command, split_debug
 from sgsd_fast.config import ConfigError, add_config_arguments, config_from_args
 from sgsd_fast.train.compare import ARMS, comparison_plan, run_comparison, write_report
 
@@ -24,7 +25,8 @@ DEFAULT_ARMS = ("base", "grpo", "opsd", "sampled_rkl", "sgsd", "sgsd_random")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sgsd-fast compare", allow_abbrev=False,
                                      description="Train several methods at equal budget and compare held-out "
-                                                 "accuracy with paired confidence intervals.")
+                                                 "accuracy with paired confidence intervals.",
+                                     epilog=DEBUG_HELP)
     parser.add_argument("--out", metavar="DIR", required=True, help="Comparison folder (resumable).")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_ARMS), metavar="ARM",
                         help=f"Arms to run, from {sorted(ARMS)} (default: {' '.join(DEFAULT_ARMS)}).")
@@ -40,18 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
+    args, debug = split_debug(argv)
+    ns = build_parser().parse_args(args)
+    return run_command("sgsd-fast compare", lambda: _compare(ns), debug=debug)
+
+
+def _compare(ns: argparse.Namespace) -> int:
     names = {"out", "methods", "main_arm", "main_seeds", "other_seeds", "machine", "config"}
     overrides = {k: v for k, v in vars(ns).items() if k not in names}
-    try:
-        cfg = config_from_args(ns)  # validates the shared config before any run starts
-        if ns.main_arm not in ns.methods:
-            raise ConfigError(f"--main_arm {ns.main_arm!r} is not among --methods {ns.methods}")
-        runs = comparison_plan(ns.methods, main_arm=ns.main_arm, main_seeds=ns.main_seeds,
-                               other_seeds=ns.other_seeds, base=cfg.to_dict())
-    except (ConfigError, ValueError) as exc:
-        parser.error(str(exc))
+    cfg = config_from_args(ns)  # validates the shared config before any run starts
+    if ns.main_arm not in ns.methods:
+        raise ConfigError(f"--main_arm {ns.main_arm!r} is not among --methods {ns.methods}")
+    runs = comparison_plan(ns.methods, main_arm=ns.main_arm, main_seeds=ns.main_seeds,
+                           other_seeds=ns.other_seeds, base=cfg.to_dict())
     out = Path(ns.out)
     results = run_comparison(runs, out, config=ns.config, overrides=overrides)
     paths = write_report(results, out, machine=ns.machine)

@@ -13,14 +13,14 @@ import argparse
 import json
 from pathlib import Path
 
-import yaml
-
+from sgsd_fast.commands.errors import DEBUG_HELP, run_command, split_debug
 from sgsd_fast.config import ConfigError, add_config_arguments, config_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sgsd-fast eval", allow_abbrev=False,
-                                     description="Evaluate a model or a training checkpoint on held-out problems.")
+                                     description="Evaluate a model or a training checkpoint on held-out problems.",
+                                     epilog=DEBUG_HELP)
     parser.add_argument("--checkpoint", metavar="DIR", help="A checkpoint-<step> folder written by `sgsd-fast train`.")
     parser.add_argument("--config", metavar="FILE", help="YAML file of config fields.")
     parser.add_argument("--output", metavar="FILE", help="Also write the metrics as JSON to FILE.")
@@ -31,29 +31,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    try:
-        base = None
-        if ns.checkpoint:
-            ckpt = Path(ns.checkpoint)
-            if not (ckpt / "model").is_dir() or not (ckpt / "config.yaml").is_file():
-                raise ConfigError(f"--checkpoint: {str(ckpt)!r} is not a checkpoint folder "
-                                  f"(expected model/ and config.yaml inside)")
-            base = yaml.safe_load((ckpt / "config.yaml").read_text())
-        if hasattr(ns, "max_new_tokens") and not hasattr(ns, "eval_max_new_tokens"):
-            ns.eval_max_new_tokens = None  # here --max_new_tokens means the evaluation length
-        cfg = config_from_args(ns, base)
-    except ConfigError as exc:
-        parser.error(str(exc))
-    from sgsd_fast.train.checkpoint import load_model_weights
+    args, debug = split_debug(argv)
+    ns = build_parser().parse_args(args)
+    return run_command("sgsd-fast eval", lambda: _evaluate(ns), debug=debug)
+
+
+def _evaluate(ns: argparse.Namespace) -> int:
+    from sgsd_fast.train.checkpoint import checkpoint_problem, load_model_weights, read_checkpoint_config
     from sgsd_fast.train.evaluate import evaluate
     from sgsd_fast.train.setup import build_model, build_verifier, load_eval_problems
 
+    base = None
+    if ns.checkpoint:
+        ckpt = Path(ns.checkpoint)
+        if not (ckpt / "model").is_dir() or not (ckpt / "config.yaml").is_file():
+            raise ConfigError(f"--checkpoint: {str(ckpt)!r} is not a checkpoint folder "
+                              f"(expected model/ and config.yaml inside)")
+        problem = checkpoint_problem(ckpt, weights_only=True)
+        if problem is not None:
+            raise ValueError(f"--checkpoint: {str(ckpt)!r} is unusable: {problem}")
+        base = read_checkpoint_config(ckpt)
+    if hasattr(ns, "max_new_tokens") and not hasattr(ns, "eval_max_new_tokens"):
+        ns.eval_max_new_tokens = None  # here --max_new_tokens means the evaluation length
+    cfg = config_from_args(ns, base)
+    problems = load_eval_problems(cfg)  # before the model: a bad or empty dataset fails in a second
+    if not problems:
+        raise ValueError(f"config field 'eval_dataset': {cfg.eval_dataset!r} gave no evaluation problems")
     model, tokenizer = build_model(cfg)
     if ns.checkpoint:
         load_model_weights(model, Path(ns.checkpoint) / "model")
-    problems = load_eval_problems(cfg)
     with build_verifier(cfg) as verifier:
         result = evaluate(model, tokenizer, problems, verifier,
                           max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, samples=cfg.eval_samples,

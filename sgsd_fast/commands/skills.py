@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from sgsd_fast.commands.errors import DEBUG_HELP, run_command, split_debug
 from sgsd_fast.skills.items import FIELDS, SkillItem
 from sgsd_fast.skills.store import SkillBank, kind_counts, remove_bank_files
 
@@ -21,7 +22,7 @@ _PROG = "sgsd-fast skills"
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=_PROG, description="Build, inspect, import/export and diff skill banks "
-                                     "(one SQLite file per bank; every update is a new version).")
+                                     "(one SQLite file per bank; every update is a new version).", epilog=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     build = sub.add_parser("build", help="cold start: attempt problems, verify, extract notes, merge (resumable)",
@@ -228,15 +229,12 @@ _COMMANDS = {"build": _cmd_build, "show": _cmd_show, "stats": _cmd_stats, "expor
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one `sgsd-fast skills` command; returns the exit status (bad input: 2, with a message)."""
+    args, debug = split_debug(argv)
     try:
-        args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+        ns = _parser().parse_args(args)
     except SystemExit as exit_:  # --help, or argparse's own usage error
         return int(exit_.code or 0)
-    try:
-        return _COMMANDS[args.command](args)
-    except (ValueError, TypeError, KeyError, FileNotFoundError) as err:
-        print(f"{_PROG} {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    return run_command(f"{_PROG} {ns.command}", lambda: _COMMANDS[ns.command](ns), debug=debug)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@
     sgsd-fast train --resume auto --output_dir runs/x # continue the latest checkpoint of a run
 
 Precedence: field defaults < the resumed checkpoint's config < --config YAML < command line.
+A bad value, file, bank or checkpoint ends the command with one line naming it (status 2);
+--debug shows the traceback.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from sgsd_fast.commands.errors import DEBUG_HELP, run_command, split_debug
 from sgsd_fast.config import add_config_arguments, config_from_args, read_yaml
 
 
@@ -20,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sgsd-fast train", allow_abbrev=False,
         description="Train a policy with skill-conditioned gated self-distillation (SGSD) or a baseline. "
-                    "With no arguments: SmolLM2-135M-Instruct on the built-in arithmetic task, on CPU.")
+                    "With no arguments: SmolLM2-135M-Instruct on the built-in arithmetic task, on CPU.",
+        epilog=DEBUG_HELP)
     parser.add_argument("--config", metavar="FILE", help="YAML file of config fields.")
     parser.add_argument("--resume", metavar="PATH|auto",
                         help="Continue from a checkpoint folder, a run folder (its latest checkpoint), or 'auto' "
@@ -30,25 +34,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    from sgsd_fast.train.checkpoint import read_checkpoint_config, resolve_resume
+    args, debug = split_debug(argv)
+    ns = build_parser().parse_args(args)
+    return run_command("sgsd-fast train", lambda: _train(ns), debug=debug)
 
-    try:
-        checkpoint = base = None
-        if ns.resume:
-            output_dir = getattr(ns, "output_dir", None) or (read_yaml(ns.config).get("output_dir")
-                                                             if ns.config else None)
-            checkpoint = resolve_resume(ns.resume, output_dir, log=lambda line: print(line, file=sys.stderr))
-            base = read_checkpoint_config(checkpoint)
-            base["output_dir"] = output_dir or str(checkpoint.parent)
-            if (checkpoint / "skill_bank.db").is_file():  # the bank as it was at that step, not the source
-                base["skill_bank"] = str(checkpoint / "skill_bank.db")
-        cfg = config_from_args(ns, base)
-    except (ValueError, FileNotFoundError) as exc:  # ConfigError is a ValueError
-        parser.error(str(exc))  # exits with status 2 and the usage line
+
+def _train(ns: argparse.Namespace) -> int:
+    from sgsd_fast.train.checkpoint import read_checkpoint_config, resolve_resume
     from sgsd_fast.train.trainer import Trainer
 
+    checkpoint = base = None
+    if ns.resume:
+        output_dir = getattr(ns, "output_dir", None) or (read_yaml(ns.config).get("output_dir")
+                                                         if ns.config else None)
+        checkpoint = resolve_resume(ns.resume, output_dir, log=lambda line: print(line, file=sys.stderr))
+        base = read_checkpoint_config(checkpoint)
+        base["output_dir"] = output_dir or str(checkpoint.parent)
+        if (checkpoint / "skill_bank.db").is_file():  # the bank as it was at that step, not the source
+            base["skill_bank"] = str(checkpoint / "skill_bank.db")
+    cfg = config_from_args(ns, base)
     with Trainer(cfg, resume=checkpoint) as trainer:
         if checkpoint is not None:
             print(f"resuming from {checkpoint} (step {trainer.state.get('step', 0)})")

@@ -292,23 +292,15 @@ def _sqlite_problem(path: Path) -> str | None:
     return None
 
 
-def checkpoint_problem(path: str | os.PathLike) -> str | None:
+def checkpoint_problem(path: str | os.PathLike, *, weights_only: bool = False) -> str | None:
     """The first reason a checkpoint folder cannot be resumed ("<file>: <what>"), or None if it can.
 
     Reads structure only (headers, directories, small files), never the tensors, so checking
     every checkpoint of a run stays cheap; a file damaged inside its data is still reported by
-    `load_checkpoint`, naming the file.
+    `load_checkpoint`, naming the file. ``weights_only=True`` checks what an evaluation reads
+    (config and weights), not the optimizer, scheduler, RNG, trainer state and bank.
     """
     ckpt = Path(path)
-    state_file = ckpt / STATE_FILE
-    try:
-        state = json.loads(state_file.read_text(encoding="utf-8"))
-        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-            return f"{state_file}: no trainer state (expected a JSON object with an integer 'step')"
-    except FileNotFoundError:
-        return f"{state_file}: missing (an incomplete checkpoint)"
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        return f"{state_file}: not valid JSON ({err})"
     try:
         read_checkpoint_config(ckpt)
     except ConfigError as err:
@@ -316,8 +308,20 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     weights = sorted((ckpt / "model").glob("*.safetensors"))
     if not weights:
         return f"{ckpt / 'model'}: no .safetensors weights"
-    extra = [ckpt / "teacher_state.pt"] if (ckpt / "teacher_state.pt").exists() else []
-    for file in weights + [ckpt / name for name in _TORCH_FILES] + extra:
+    files = weights
+    if not weights_only:
+        state_file = ckpt / STATE_FILE
+        try:
+            state = json.loads(state_file.read_text(encoding="utf-8"))
+            if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+                return f"{state_file}: no trainer state (expected a JSON object with an integer 'step')"
+        except FileNotFoundError:
+            return f"{state_file}: missing (an incomplete checkpoint)"
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            return f"{state_file}: not valid JSON ({err})"
+        extra = [ckpt / "teacher_state.pt"] if (ckpt / "teacher_state.pt").exists() else []
+        files = weights + [ckpt / name for name in _TORCH_FILES] + extra
+    for file in files:
         if not file.is_file():
             return f"{file}: missing"
         if file.suffix == ".safetensors":
@@ -327,7 +331,7 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
         if problem is not None:
             return f"{file}: {problem}"
     bank = ckpt / "skill_bank.db"
-    if bank.exists() and (problem := _sqlite_problem(bank)) is not None:
+    if not weights_only and bank.exists() and (problem := _sqlite_problem(bank)) is not None:
         return f"{bank}: {problem}"
     return None
 
