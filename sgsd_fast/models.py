@@ -24,6 +24,7 @@ from torch import nn
 __all__ = [
     "SMOLLM2_GGUF",
     "LoraSettings",
+    "apply_lora",
     "decoder",
     "is_peft_model",
     "lm_head_weight",
@@ -274,14 +275,34 @@ def load_model_and_tokenizer(
     if gradient_checkpointing:
         _enable_checkpointing(lm)
     if peft_config is not None:
-        from peft import get_peft_model
-
-        if gradient_checkpointing:
-            # Frozen embeddings produce inputs without grad; checkpointed blocks still need a
-            # graph through them to reach the LoRA weights.
-            lm.enable_input_require_grads()
-        lm = get_peft_model(lm, peft_config)
+        lm = apply_lora(lm, peft_config, gradient_checkpointing=gradient_checkpointing)
     return lm, tokenizer
+
+
+def apply_lora(model: nn.Module, lora: LoraSettings | dict | Any, *, gradient_checkpointing: bool = False
+               ) -> nn.Module:
+    """`model` wrapped with a peft LoRA adapter (`LoraSettings`, a dict of its fields or a `LoraConfig`).
+
+    Every named target module must exist: peft only fails when *no* name matches (with a
+    multi-line message), and one mistyped name among several would silently leave those layers
+    untrained. A ValueError names the unmatched ones and lists the model's linear layers.
+    """
+    from peft import get_peft_model
+
+    config = _to_peft_config(lora)
+    targets = config.target_modules
+    if targets is not None and not isinstance(targets, str):  # a str is 'all-linear' or a regex
+        names = [name for name, _ in model.named_modules()]
+        missing = sorted(t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names))
+        if missing:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+            raise ValueError(f"lora_target_modules {missing} match no module of {type(model).__name__}; "
+                             f"its linear layers are {linear} (or use 'all-linear')")
+    if gradient_checkpointing:
+        # Frozen embeddings produce inputs without grad; checkpointed blocks still need a
+        # graph through them to reach the LoRA weights.
+        model.enable_input_require_grads()
+    return get_peft_model(model, config)
 
 
 def is_peft_model(model: nn.Module) -> bool:

@@ -38,7 +38,7 @@ from torch import nn
 
 from sgsd_fast.config import TrainConfig, check_output_dir
 from sgsd_fast.data import Problem
-from sgsd_fast.models import is_peft_model
+from sgsd_fast.models import apply_lora, is_peft_model
 from sgsd_fast.prompts import render_prompt, student_prompts
 from sgsd_fast.rollout import HFRolloutEngine
 from sgsd_fast.skills import OnlineEvolver, SkillBank
@@ -138,9 +138,7 @@ class Trainer:
         if model is None:
             model, tokenizer = build_model(cfg)
         elif cfg.use_peft and not is_peft_model(model):
-            from peft import get_peft_model
-
-            model = get_peft_model(model, lora_settings(cfg).to_peft())
+            model = apply_lora(model, lora_settings(cfg))
         self.model, self.tokenizer = model.eval(), tokenizer
         self.device = next(model.parameters()).device
 
