@@ -359,6 +359,7 @@ def test_auto_backend_on_cpu_is_the_extension():
         ("targets_float", TypeError, "targets"),
         ("temperature_zero", ValueError, "temperature"),
         ("temperature_negative", ValueError, "temperature"),
+        ("temperature_inf", ValueError, "positive finite"),  # linear_divergence rejected it already
         ("devices", ValueError, "device"),
         ("backend", ValueError, "backend"),
         ("workspace", ValueError, "workspace_bytes"),
@@ -391,6 +392,8 @@ def test_errors(case, exc, match):
         kw["temperature"] = 0.0
     elif case == "temperature_negative":
         kw["temperature"] = -1.0
+    elif case == "temperature_inf":
+        kw["temperature"] = float("inf")
     elif case == "devices":
         targets = targets.to("meta")
     elif case == "backend":

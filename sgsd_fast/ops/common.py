@@ -161,8 +161,9 @@ def check_number(name: str, value, *, minimum: float, inclusive: bool) -> float:
 
 
 def check_temperature(temperature: float) -> None:
-    if not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    # inf passes "> 0" but turns every distribution uniform: never what a caller meant.
+    if not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
 
 
 def check_backend(backend: str) -> None:

@@ -349,8 +349,6 @@ def _check_args(student_hidden, weight, teacher_hidden, teacher_head, gates, kin
     if not _is_real(beta) or not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
     v.check_temperature(temperature)
-    if not math.isfinite(temperature):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
     if entry_clip is not None and (not _is_real(entry_clip) or not 0.0 < entry_clip < math.inf):
         raise ValueError(f"entry_clip must be None or a positive finite number, got {entry_clip!r}")
     if reduction not in REDUCTIONS:

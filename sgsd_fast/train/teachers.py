@@ -36,22 +36,26 @@ def _fields(item: Any) -> dict[str, str] | None:
 
 
 def retrieve_contexts(retriever: Any, problems: Sequence[Any], k: int) -> tuple[list[list[Any]], torch.Tensor]:
-    """K teacher contexts per problem and their weights a_k as a [B, K] tensor.
+    """Up to K teacher contexts per problem and their weights a_k as a [B, K'] tensor.
 
-    A problem that gets fewer than K pairs (small bank) is filled by repeating its last context with
-    weight 0, which the SGSD loss treats as an absent teacher. A problem with none is an error.
+    K' is the most contexts any problem of the batch got: a bank with fewer than K pairs gives
+    fewer teachers, not K passes of which the surplus weigh 0 (each teacher is a full forward
+    pass). A problem with fewer than K' is filled by repeating its last context with weight 0,
+    which the SGSD loss treats as an absent teacher. A problem with none is an error.
     """
-    contexts: list[list[Any]] = []
-    weights = torch.zeros(len(problems), k, dtype=torch.float32)
-    for b, prob in enumerate(problems):
-        ctxs = list(retriever.retrieve(prob.question, prob.id))[:k]
+    retrieved = [list(retriever.retrieve(prob.question, prob.id))[:k] for prob in problems]
+    for prob, ctxs in zip(problems, retrieved):
         if not ctxs:
             raise ValueError(f"the skill bank gave no teacher context for problem {prob.id!r}: it needs at least "
                              f"one skill and one mistake (see `sgsd-fast skills build`)")
+    width = max((len(ctxs) for ctxs in retrieved), default=0)
+    weights = torch.zeros(len(problems), width, dtype=torch.float32)
+    contexts: list[list[Any]] = []
+    for b, ctxs in enumerate(retrieved):
         for j, ctx in enumerate(ctxs):
             weights[b, j] = float(ctx.weight)
         weights[b] /= weights[b].sum()
-        contexts.append(ctxs + [ctxs[-1]] * (k - len(ctxs)))
+        contexts.append(ctxs + [ctxs[-1]] * (width - len(ctxs)))
     return contexts, weights
 
 
