@@ -101,10 +101,12 @@ def test_extract_answer_is_spec_strict_by_default(text, expected):
 )
 def test_extract_answer_is_linear_time_on_pathological_text(text):
     for answer_phrase in (False, True):
-        start = time.perf_counter()
-        extract_answer(text, answer_phrase=answer_phrase)
-        elapsed = time.perf_counter() - start
-        assert elapsed < 0.5, f"extraction took {elapsed:.2f} s on {len(text)} characters"
+        elapsed = []  # best of three: a shared machine's hiccup is not the algorithm's cost
+        for _ in range(3):
+            start = time.perf_counter()
+            extract_answer(text, answer_phrase=answer_phrase)
+            elapsed.append(time.perf_counter() - start)
+        assert min(elapsed) < 0.5, f"extraction took {min(elapsed):.2f} s on {len(text)} characters"
 
 
 def test_extract_answer_rejects_non_str():
