@@ -53,7 +53,9 @@ def make_cfg(run_dir: Path, bank: Path, **kw) -> TrainConfig:
     base = dict(max_steps=2, prompts_per_step=B, max_new_tokens=6, num_teachers=K, micro_batch_size=2,
                 teacher_micro_batch_size=3, generation_batch_size=8, num_train_problems=16, num_eval_problems=2,
                 builtin_levels=[1], output_dir=str(run_dir), skill_bank=str(bank), save_every=0,
-                learning_rate=1e-2, deadzone=0.0, warmup_steps=0, progress=False, report_to="none")
+                learning_rate=1e-2, deadzone=0.0, warmup_steps=0, progress=False, report_to="none",
+                use_peft=False, sgsd_outcome="sign")  # full fine-tuning and the paper's exact objective unless a
+    # test asks otherwise (LoRA and the advantage outcome are the embedded job's defaults since issue 14)
     base.update(kw)
     return TrainConfig(**base)
 

@@ -41,7 +41,7 @@ def test_one_sgsd_step_on_smollm2(smollm2, tmp_path, monkeypatch, one_thread):
                       num_train_problems=8, num_eval_problems=1, eval_at_start=False, eval_max_new_tokens=2,
                       builtin_levels=[1], output_dir=str(tmp_path), save_every=0, learning_rate=1e-4,
                       warmup_steps=0, deadzone=0.0, optim="adamw_torch", teacher_params="live", progress=False,
-                      report_to="none")
+                      report_to="none", use_peft=False, sgsd_outcome="sign")
     with Trainer(cfg, model=model, tokenizer=tokenizer, verifier=NoAnswerVerifier(), log=lambda s: None) as trainer:
         summary = trainer.train()
     row = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "eval_step" not in r][0]
