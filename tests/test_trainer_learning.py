@@ -10,7 +10,8 @@ import torch
 from sgsd_fast.config import TrainConfig
 from sgsd_fast.ops import sgsd_gated_loss
 from sgsd_fast.models import tiny_random_model, tiny_tokenizer
-from sgsd_fast.train.trainer import Trainer, read_eval_records
+from sgsd_fast.train.evaluate import eval_records_path, read_records
+from sgsd_fast.train.trainer import Trainer
 from sgsd_fast.verify import VerifyResult
 from sgsd_fast.verify import repetition
 
@@ -48,7 +49,7 @@ def test_eval_records_and_paired_comparison_are_written(tmp_path, tok):
                  log=lines.append) as trainer:
         summary = trainer.train()
     run = tmp_path / "run"
-    before, after = read_eval_records(run, 0), read_eval_records(run, 2)
+    before, after = read_records(eval_records_path(run, 0)), read_records(eval_records_path(run, 2))
     assert len(before) == len(after) == 5 and [r["id"] for r in before] == [r["id"] for r in after]
     assert all(r["key"] and set(r) >= {"correct", "looping", "completion"} for r in before)
     cmp = json.loads((run / "comparison.json").read_text())

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _evaluate(ns: argparse.Namespace) -> int:
     from sgsd_fast.train.checkpoint import checkpoint_problem, load_model_weights, read_checkpoint_config
-    from sgsd_fast.train.evaluate import evaluate
+    from sgsd_fast.train.evaluate import evaluate, write_records
     from sgsd_fast.train.setup import build_model, build_verifier, load_eval_problems
 
     base = None
@@ -73,7 +73,7 @@ def _evaluate(ns: argparse.Namespace) -> int:
     for key, value in metrics.items():
         print(f"  {key:<24} {value:.4f}")
     if ns.records:
-        Path(ns.records).write_text("".join(json.dumps(r) + "\n" for r in result.records))
+        write_records(ns.records, result.records)
     if ns.output:
         Path(ns.output).write_text(json.dumps({"model": source, **metrics}, indent=1))
     return 0

@@ -32,7 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sgsd_fast.train.evaluate import eval_records_path, read_records, record_clusters
+from sgsd_fast.train.metrics import METRICS_FILE, read_metrics
 from sgsd_fast.train.stats import paired_comparison
+from sgsd_fast.train.trainer import SUMMARY_FILE
 
 __all__ = ["ARMS", "Run", "comparison_plan", "run_comparison", "write_report"]
 
@@ -113,10 +116,6 @@ def _run_command(argv: list[str], log_path: Path) -> int:
                                stderr=subprocess.STDOUT, env=env)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def run_comparison(runs: Sequence[Run], out_dir: Path, *, config: str | None = None,
                    overrides: Mapping[str, Any] | None = None, log: Callable[[str], None] = print,
                    runner: Callable[[list[str], Path], int] = _run_command) -> dict[str, Any]:
@@ -138,10 +137,10 @@ def run_comparison(runs: Sequence[Run], out_dir: Path, *, config: str | None = N
             raise RuntimeError(f"base evaluation failed (exit {rc}); see {out_dir / 'base' / 'log.txt'}")
         os.replace(str(base_records) + ".tmp", base_records)
         (out_dir / "base" / "wall.json").write_text(json.dumps({"wall_time_s": time.perf_counter() - t0}))
-    results: dict[str, Any] = {"base": _read_jsonl(base_records), "runs": []}
+    results: dict[str, Any] = {"base": read_records(base_records), "runs": []}
     for i, run in enumerate(runs):
         run_dir = out_dir / run.name
-        summary_path = run_dir / "summary.json"
+        summary_path = run_dir / SUMMARY_FILE
         if summary_path.is_file():
             log(f"[compare] {i + 1}/{len(runs)} {run.name}: finished earlier, skipped")
         else:
@@ -156,17 +155,12 @@ def run_comparison(runs: Sequence[Run], out_dir: Path, *, config: str | None = N
                 raise RuntimeError(f"run {run.name} failed (exit {rc}); see {run_dir / 'log.txt'}")
         summary = json.loads(summary_path.read_text())
         step = summary["steps"]
-        records = _read_jsonl(run_dir / "eval" / f"step-{step}.jsonl")
-        history = _read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
+        records = read_records(eval_records_path(run_dir, step))
+        history = read_metrics(run_dir / METRICS_FILE)
         results["runs"].append({"arm": run.arm, "seed": run.seed, "overrides": run.overrides, "summary": summary,
                                 "records": records, "history": history})
         log(f"[compare] {run.name}: accuracy after {sum(r['correct'] for r in records) / len(records):.3f}")
     return results
-
-
-def _clusters(records: Sequence[Mapping[str, Any]]) -> list[Any] | None:
-    keys = [r.get("key") for r in records]
-    return keys if all(k is not None for k in keys) else None
 
 
 def _check_same_problems(base: Sequence[Mapping[str, Any]], records: Sequence[Mapping[str, Any]], name: str) -> None:
@@ -178,7 +172,7 @@ def _check_same_problems(base: Sequence[Mapping[str, Any]], records: Sequence[Ma
 def summarize(results: Mapping[str, Any], *, seed: int = 0) -> dict[str, Any]:
     """Per-run and per-arm rows: accuracy before/after with paired 95 % CIs and McNemar p."""
     base = results["base"]
-    clusters = _clusters(base)
+    clusters = record_clusters(base)
     before = [float(r["correct"]) for r in base]
     n = len(base)
     rows = [{"arm": "base", "seed": None, "before": sum(before) / n, "after": sum(before) / n, "delta": 0.0,

@@ -14,8 +14,10 @@ looping, completion), which is what a paired before/after comparison needs
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -23,6 +25,38 @@ from torch import nn
 from sgsd_fast.prompts import AnswerFormat, student_prompts
 from sgsd_fast.rollout import HFRolloutEngine
 from sgsd_fast.verify.repetition import gate_repetitive
+
+
+EVAL_DIR = "eval"  # a run directory's per-problem records: eval/step-<step>.jsonl
+
+
+def eval_records_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / EVAL_DIR / f"step-{step}.jsonl"
+
+
+def write_records(path: str | Path, records: Sequence[Mapping[str, Any]]) -> Path:
+    """One JSON line per problem, written atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(dict(r)) + "\n" for r in records))
+    tmp.replace(path)
+    return path
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]] | None:
+    """The records of `write_records`, or None when the file does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def record_clusters(records: Sequence[Mapping[str, Any]]) -> list[Hashable] | None:
+    """The records' computation keys as bootstrap clusters, or None (one cluster per problem) unless
+    every record has one (the built-in task has them; file datasets do not)."""
+    keys = [r.get("key") for r in records]
+    return keys if all(k is not None for k in keys) else None
 
 
 @dataclass
@@ -52,9 +86,8 @@ def evaluate(model: nn.Module, tokenizer: Any, problems: Sequence[Any], verifier
                                  top_p=top_p, top_k=top_k, batch_size=batch_size)
         greedy = engine.generate(prompts, greedy=True)
         result = verifier.score(greedy.completion_texts, answers)
-        rewards, loops = gate_repetitive(greedy.completion_texts, result.rewards)
-        if not reject_repetition:
-            rewards = [float(r) for r in result.rewards]
+        gated, loops = gate_repetitive(greedy.completion_texts, result.rewards)
+        rewards = gated if reject_repetition else [float(r) for r in result.rewards]
         n = len(problems)
         metrics = {
             "eval/accuracy": sum(rewards) / n,

@@ -44,7 +44,7 @@ from sgsd_fast.rollout import HFRolloutEngine
 from sgsd_fast.skills import OnlineEvolver, SkillBank
 from sgsd_fast.train.batch import TokenMasker
 from sgsd_fast.train.checkpoint import check_resume, clean_stale_saves, load_checkpoint, save_checkpoint
-from sgsd_fast.train.evaluate import evaluate
+from sgsd_fast.train.evaluate import eval_records_path, evaluate, read_records, record_clusters, write_records
 from sgsd_fast.train.metrics import PLOT_FILE, MetricsLogger, plot_curves
 from sgsd_fast.train.objectives import Rollouts, get_objective
 from sgsd_fast.train.setup import (BANK_FILE, build_engine, build_model, build_retriever, build_verifier,
@@ -54,29 +54,11 @@ from sgsd_fast.train.step import StepInputs, build_optimizer, build_scheduler, u
 from sgsd_fast.train.teachers import TeacherPool
 from sgsd_fast.verify.repetition import gate_repetitive
 
-EVAL_DIR = "eval"
 SUMMARY_FILE = "summary.json"
 
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive steps were skipped for non-finite values; the run stopped without saving."""
-
-
-def write_eval_records(run_dir: Path, step: int, records: list[dict[str, Any]]) -> Path:
-    """Per-problem results of the evaluation at `step`: run_dir/eval/step-<step>.jsonl (atomic)."""
-    path = run_dir / EVAL_DIR / f"step-{step}.jsonl"
-    path.parent.mkdir(exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(path)
-    return path
-
-
-def read_eval_records(run_dir: Path, step: int) -> list[dict[str, Any]] | None:
-    path = Path(run_dir) / EVAL_DIR / f"step-{step}.jsonl"
-    if not path.is_file():
-        return None
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def default_run_dir() -> Path:
@@ -246,7 +228,7 @@ class Trainer:
                           chat_template=cfg.student_chat_template, thinking=cfg.student_thinking,
                           fmt=cfg.answer_format, reject_repetition=cfg.reject_repetition)
         metrics = result.metrics
-        write_eval_records(self.run_dir, step, result.records)
+        write_records(eval_records_path(self.run_dir, step), result.records)
         row = {"step": step, "eval_step": step, **metrics, "time/eval": time.perf_counter() - t0}
         self.state["history"].append(row)
         self.metrics.log(row)
@@ -453,12 +435,11 @@ class Trainer:
         Clustered by the problems' computation keys where they have them (the built-in task)."""
         if len(evals) < 2:
             return None
-        first, last = (read_eval_records(self.run_dir, int(r["eval_step"])) for r in (evals[0], evals[-1]))
+        first, last = (read_records(eval_records_path(self.run_dir, int(r["eval_step"]))) for r in (evals[0], evals[-1]))
         if first is None or last is None or [r["id"] for r in first] != [r["id"] for r in last]:
             return None
-        keys = [r.get("key") for r in first]
         cmp = paired_comparison([r["correct"] for r in first], [r["correct"] for r in last],
-                                clusters=keys if all(k is not None for k in keys) else None, seed=self.cfg.seed)
+                                clusters=record_clusters(first), seed=self.cfg.seed)
         out = {**cmp.to_dict(), "before_step": int(evals[0]["eval_step"]), "after_step": int(evals[-1]["eval_step"]),
                "text": cmp.text()}
         (self.run_dir / "comparison.json").write_text(json.dumps(out, indent=2) + "\n")
