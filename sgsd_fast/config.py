@@ -40,6 +40,7 @@ ANSWER_FORMATS = ("boxed", "answer_is")  # keys of sgsd_fast.prompts.ANSWER_FORM
 ENCODERS = ("tfidf", "policy", "sentence-transformers", "st")  # what sgsd_fast.skills.make_encoder accepts
 TASK_LEVELS = (1, 2, 3, 4, 5)  # keys of sgsd_fast.data.tasks.LEVELS
 SGSD_OUTCOMES = ("sign", "advantage")
+ROLLOUT_SEEDINGS = ("auto", "step", "problem")
 
 
 #: Old field names still read from YAML files, checkpoints and the command line (with a FutureWarning).
@@ -183,6 +184,14 @@ class TrainConfig:
                                             "are usually ruined (e.g. by a far too large learning_rate), and "
                                             "nothing more is saved.")
 
+    # ---- scaling out: data parallel ---------------------------------------------------------
+    rollout_seeding: str = _f("auto", f"How rollouts are seeded, one of {ROLLOUT_SEEDINGS}: 'step' samples the whole "
+                              "batch with seed + s (the single-process behaviour of earlier releases); 'problem' "
+                              "samples each problem's num_generations rollouts with their own seed from (seed, step, "
+                              "the problem's index in the step), so the rollouts are the same whatever the number of "
+                              "processes; 'auto' = 'step' in one process, 'problem' under torchrun / accelerate "
+                              "launch. Set 'problem' on a 1-process run to reproduce a multi-process one.")
+
     # ---- online self-evolution ---------------------------------------------------------------
     online_update_every: int = _f(0, "Online skill-bank update every N steps (0 = off).")
     online_success_threshold: float = _f(0.8, "Skip the online update when the step's success rate is at least this.")
@@ -264,6 +273,7 @@ class TrainConfig:
         need(0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
         need(0 < self.vllm_gpu_memory_utilization < 1, "vllm_gpu_memory_utilization", "a number in (0, 1)")
         need(self.rollout_engine != "vllm" or self.device != "cpu", "rollout_engine", "'hf' when device is 'cpu'")
+        need(self.rollout_seeding in ROLLOUT_SEEDINGS, "rollout_seeding", f"one of {ROLLOUT_SEEDINGS}")
         need(0 <= self.ema_decay < 1, "ema_decay", "a number in [0, 1)")
         need(0 <= self.adam_beta1 < 1, "adam_beta1", "a number in [0, 1)")
         need(0 <= self.adam_beta2 < 1, "adam_beta2", "a number in [0, 1)")
