@@ -28,10 +28,12 @@ def lora_settings(cfg: TrainConfig) -> LoraSettings:
                         tuple(t.strip() for t in targets.split(",") if t.strip()))
 
 
-def build_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
-    """(policy, tokenizer) as configured: dtype, device, attention, checkpointing, LoRA, Liger."""
+def build_model(cfg: TrainConfig, *, device: str | None = None) -> tuple[nn.Module, Any]:
+    """(policy, tokenizer) as configured: dtype, device, attention, checkpointing, LoRA, Liger.
+
+    device: overrides `cfg.device` (a rank of a multi-process run loads onto cuda:LOCAL_RANK)."""
     lora = lora_settings(cfg) if cfg.use_peft else None
-    return load_model_and_tokenizer(cfg.model, gguf_file=cfg.gguf_file, dtype=cfg.dtype, device=cfg.device,
+    return load_model_and_tokenizer(cfg.model, gguf_file=cfg.gguf_file, dtype=cfg.dtype, device=device or cfg.device,
                                     attn_implementation=cfg.attn_implementation,
                                     gradient_checkpointing=cfg.gradient_checkpointing, lora=lora, liger=cfg.liger)
 
