@@ -72,7 +72,7 @@ def group_seed(seed: int, step: int, index: int) -> int:
     share a seed; 63 bits, which torch and vLLM both accept.
     """
     digest = hashlib.blake2b(f"sgsd_fast.rollout:{seed}:{step}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1
+    return int.from_bytes(digest, "big") >> 2  # < 2**62: seed + j (a group's j-th rollout) stays < 2**63
 
 
 def generate_groups(engine: RolloutEngine, prompts: Sequence[str], *, group_size: int,
@@ -81,10 +81,13 @@ def generate_groups(engine: RolloutEngine, prompts: Sequence[str], *, group_size
 
     What a group samples then depends only on its prompt, its seed and the weights, never on
     which other prompts share the process or the batch: how multi-process runs sample the same
-    rollouts as a single process (`rollout_seeding='problem'`).
+    rollouts as a single process (`rollout_seeding='problem'`). An engine with `per_request_seeds`
+    (vLLM) gets one call with a seed per prompt instead, which keeps its batching.
     """
     if len(prompts) != group_size * len(seeds):
         raise ValueError(f"{len(prompts)} prompts are not {len(seeds)} groups of group_size={group_size}")
+    if getattr(engine, "per_request_seeds", False):  # vLLM seeds every request: one batched call
+        return engine.generate(prompts, seeds=[seed + j for seed in seeds for j in range(group_size)])
     parts = [engine.generate(prompts[g * group_size:(g + 1) * group_size], seed=seed) for g, seed in enumerate(seeds)]
     return RolloutBatch(prompt_ids=[ids for p in parts for ids in p.prompt_ids],
                         completion_ids=[ids for p in parts for ids in p.completion_ids],

@@ -38,8 +38,8 @@ from sgsd_fast.models import decoder
 
 T = TypeVar("T")
 
-# Collectives wait this long for the slowest rank; rank 0 alone runs evaluations and checkpoint
-# saves while the others wait, which on a large model takes far longer than torch's 10 min default.
+# Collectives wait this long for the slowest rank; rank 0 alone saves checkpoints and evolves the
+# skill bank while the others wait, which on a large model can take longer than torch's default.
 COLLECTIVE_TIMEOUT = _dt.timedelta(hours=2)
 
 

@@ -23,8 +23,8 @@ its slice of each step's problems (whole problems: a GRPO group never spans rank
 rollouts seeded per problem, so the rollouts, the loss and the update are those of one process on
 the whole batch. Per-rollout results are gathered for the metrics, the SGSD batch baseline and
 online evolution; rank 0 alone creates the run directory (its path is broadcast), writes logs,
-checkpoints (with every rank's RNG state), plots and the skill bank, and evaluates while the
-others wait.
+checkpoints (with every rank's RNG state), plots and the skill bank. Every rank evaluates the
+whole held-out set (the same greedy / seeded results; rank 0 writes them).
 """
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ class Trainer:
 
         self._owns_verifier = verifier is None
         self.verifier = verifier or build_verifier(cfg)
-        self.engine = build_engine(cfg, model, tokenizer)
+        self.engine = build_engine(cfg, model, tokenizer, rank=dist.rank, world_size=dist.world_size)
         # Only methods with teachers pay for them (a frozen teacher without LoRA is a full model copy).
         self.teachers = TeacherPool(model, tokenizer, params=cfg.teacher_params, ema_decay=cfg.ema_decay,
                                     micro_batch_size=cfg.teacher_micro_batch_size,
@@ -305,6 +305,7 @@ class Trainer:
                                   fmt=cfg.answer_format)
         t = time.perf_counter()
         self.engine.sync_weights(self.model)
+        dist.barrier()  # a vLLM server takes rank 0's weights: nobody samples before they are in
         if self.seeding == "step":
             rollouts = self.engine.generate(prompts, seed=cfg.seed + step)
         else:
