@@ -209,3 +209,29 @@ def test_two_process_resume_is_bit_exact(runs):
     rows = train_rows(root / "two" / "resumed")
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[1]["loss"] == train_rows(root / "two" / "sgsd")[1]["loss"]
+
+
+def test_torchrun_train_command_end_to_end(tmp_path):
+    """`torchrun --nproc_per_node 2 -m sgsd_fast.commands train` on a tiny saved model (LoRA, SGSD):
+    one run directory, one set of logs, the summary printed once."""
+    import subprocess
+    import sys
+
+    tok = tiny_tokenizer()
+    tiny_random_model(tok, hidden_size=32, layers=2, seed=1).save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    run = tmp_path / "run"
+    args = ["--model", str(tmp_path / "tiny"), "--skill_bank", str(bank(tmp_path / "bank.json")), "--output_dir",
+            str(run), "--prompts_per_step", "4", "--num_generations", "2", "--max_new_tokens", "4",
+            "--num_teachers", "2", "--num_train_problems", "8", "--num_eval_problems", "2", "--max_steps", "2",
+            "--eval_at_start", "false", "--progress", "false", "--verifier_workers", "1", "--report_to", "none",
+            "--use_peft", "true", "--lora_r", "2", "--optim", "adamw_torch"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "sgsd_fast.commands", "train", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("run directory:") == 2  # the start line and the summary, from rank 0 only
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bank.json", "run", "tiny"]  # no runs/<timestamp>
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "eval_step" not in r] == [1, 2]
+    assert (run / "checkpoint-2" / "rng_state-rank1.pt").is_file() and (run / "summary.json").is_file()
