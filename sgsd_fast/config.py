@@ -40,6 +40,8 @@ ANSWER_FORMATS = ("boxed", "answer_is")  # keys of sgsd_fast.prompts.ANSWER_FORM
 ENCODERS = ("tfidf", "policy", "sentence-transformers", "st")  # what sgsd_fast.skills.make_encoder accepts
 TASK_LEVELS = (1, 2, 3, 4, 5)  # keys of sgsd_fast.data.tasks.LEVELS
 SGSD_OUTCOMES = ("sign", "advantage")
+ROLLOUT_SEEDINGS = ("auto", "step", "problem")
+VLLM_MODES = ("colocate", "server")
 
 
 #: Old field names still read from YAML files, checkpoints and the command line (with a FutureWarning).
@@ -184,6 +186,25 @@ class TrainConfig:
                                             "are usually ruined (e.g. by a far too large learning_rate), and "
                                             "nothing more is saved.")
 
+    # ---- scaling out: data parallel and vLLM ------------------------------------------------
+    rollout_seeding: str = _f("auto", f"How rollouts are seeded, one of {ROLLOUT_SEEDINGS}: 'step' samples the whole "
+                              "batch with seed + s (the single-process behaviour of earlier releases); 'problem' "
+                              "samples each problem's num_generations rollouts with their own seed from (seed, step, "
+                              "the problem's index in the step), so the rollouts are the same whatever the number of "
+                              "processes; 'auto' = 'step' in one process, 'problem' under torchrun / accelerate "
+                              "launch. Set 'problem' on a 1-process run to reproduce a multi-process one.")
+    vllm_mode: str = _f("colocate", f"vLLM placement (rollout_engine='vllm'), one of {VLLM_MODES}: 'colocate' runs an "
+                        "engine inside each training process on its GPU (weights copied in memory each step); "
+                        "'server' uses a `trl vllm-serve` process on other GPUs (weights broadcast over NCCL by "
+                        "rank 0; no per-request seeds, so its rollouts are not reproducible).")
+    vllm_max_model_len: int = _f(4096, "Longest prompt + completion vLLM reserves KV cache for; the model's own "
+                                 "maximum (40,960 for Qwen3) would not fit a colocated share of the GPU.")
+    vllm_enable_sleep_mode: bool = _f(False, "Colocated vLLM frees its weights and KV cache during the update and "
+                                      "takes them back before the next generation (vLLM sleep mode, CUDA).")
+    vllm_server_host: str = _f("127.0.0.1", "Host of the `trl vllm-serve` process (vllm_mode='server').")
+    vllm_server_port: int = _f(8000, "HTTP port of the vLLM server (vllm_mode='server').")
+    vllm_group_port: int = _f(51216, "TCP port of the NCCL group weights are pushed through (vllm_mode='server').")
+
     # ---- online self-evolution ---------------------------------------------------------------
     online_update_every: int = _f(0, "Online skill-bank update every N steps (0 = off).")
     online_success_threshold: float = _f(0.8, "Skip the online update when the step's success rate is at least this.")
@@ -265,6 +286,14 @@ class TrainConfig:
         need(0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
         need(0 < self.vllm_gpu_memory_utilization < 1, "vllm_gpu_memory_utilization", "a number in (0, 1)")
         need(self.rollout_engine != "vllm" or self.device != "cpu", "rollout_engine", "'hf' when device is 'cpu'")
+        for name, choices in (("rollout_seeding", ROLLOUT_SEEDINGS), ("vllm_mode", VLLM_MODES)):
+            need(getattr(self, name) in choices, name, f"one of {choices}")
+        for name in ("vllm_max_model_len", "vllm_server_port", "vllm_group_port"):
+            need(getattr(self, name) >= 1, name, "an integer >= 1")
+        need(self.rollout_engine != "vllm" or self.vllm_mode == "server" or
+             (self.model != "smollm2" and self.gguf_file is None), "model",
+             "a Hugging Face id or a local model directory with a colocated vLLM engine (vLLM cannot load the "
+             "bundled GGUF; e.g. HuggingFaceTB/SmolLM2-135M-Instruct)")
         need(0 <= self.ema_decay < 1, "ema_decay", "a number in [0, 1)")
         need(0 <= self.adam_beta1 < 1, "adam_beta1", "a number in [0, 1)")
         need(0 <= self.adam_beta2 < 1, "adam_beta2", "a number in [0, 1)")

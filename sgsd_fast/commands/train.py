@@ -4,6 +4,7 @@
     sgsd-fast train --config configs/paper_qwen3_1p7b.yaml --dataset dapo.parquet
     sgsd-fast train --max_steps 10 --use_peft true    # any config field as --field value
     sgsd-fast train --resume auto --output_dir runs/x # continue the latest checkpoint of a run
+    torchrun --nproc_per_node 4 -m sgsd_fast.commands train --config c.yaml   # data parallel, 4 processes
 
 Precedence: field defaults < the resumed checkpoint's config < --config YAML < command line.
 A bad value, file, bank or checkpoint ends the command with one line naming it (status 2);
@@ -53,9 +54,9 @@ def _train(ns: argparse.Namespace) -> int:
         if (checkpoint / "skill_bank.db").is_file():  # the bank as it was at that step, not the source
             base["skill_bank"] = str(checkpoint / "skill_bank.db")
     cfg = config_from_args(ns, base)
-    with Trainer(cfg, resume=checkpoint) as trainer:
+    with Trainer(cfg, resume=checkpoint) as trainer:  # under torchrun: one process per rank, rank 0 reports
         if checkpoint is not None:
-            print(f"resuming from {checkpoint} (step {trainer.state.get('step', 0)})")
-        print(f"run directory: {Path(trainer.run_dir)}")
+            trainer.log(f"resuming from {checkpoint} (step {trainer.state.get('step', 0)})")
+        trainer.log(f"run directory: {Path(trainer.run_dir)}")
         summary = trainer.train()
     return 130 if summary["interrupted"] else 0

@@ -6,8 +6,8 @@
 """
 from __future__ import annotations
 
-from sgsd_fast.rollout.base import RolloutBatch, RolloutEngine
+from sgsd_fast.rollout.base import RolloutBatch, RolloutEngine, generate_groups, group_seed
 from sgsd_fast.rollout.hf import HFRolloutEngine
-from sgsd_fast.rollout.vllm import VLLMRolloutEngine
+from sgsd_fast.rollout.vllm import VLLMRolloutEngine, VLLMServerEngine
 
-__all__ = ["HFRolloutEngine", "RolloutBatch", "RolloutEngine", "VLLMRolloutEngine"]
+__all__ = ["HFRolloutEngine", "RolloutBatch", "RolloutEngine", "VLLMRolloutEngine", "VLLMServerEngine", "generate_groups", "group_seed"]

@@ -7,7 +7,8 @@ Layout (HF Trainer-like), one folder per saved step::
                              the tokenizer: a full model folder loads with from_pretrained as is
         optimizer.pt         optimizer state (bitsandbytes 8-bit state needs bitsandbytes to resume)
         scheduler.pt         lr scheduler state
-        rng_state.pt         python / numpy / torch (and CUDA) RNG states
+        rng_state.pt         python / numpy / torch (and CUDA) RNG states (of rank 0 in a multi-process run)
+        rng_state-rank<r>.pt the same for rank r >= 1 of a multi-process run
         teacher_state.pt     EMA / frozen teacher tensors when they are not the live weights
         skill_bank.db        a consistent copy of the run's skill bank (SQLite backup API)
         config.yaml          the run's TrainConfig
@@ -53,6 +54,12 @@ _SAVE_DIR = re.compile(r"\.checkpoint-(\d+)\.(tmp|old)-(\d+)")
 STATE_FILE = "trainer_state.json"
 _TORCH_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pt")
 
+
+def rank_rng_file(rank: int) -> str:
+    """The RNG file of `rank`: rank 0 keeps the single-process name, so either kind of run resumes the other."""
+    return "rng_state.pt" if rank == 0 else f"rng_state-rank{rank}.pt"
+
+
 # Fields a checkpoint's contents depend on: resuming with another value would fail on load
 # (optimizer state, weight shapes) or silently continue a different run (objective, teacher).
 RESUME_LOCKED = ("model", "gguf_file", "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
@@ -63,7 +70,9 @@ RESUME_LOCKED = ("model", "gguf_file", "use_peft", "lora_r", "lora_alpha", "lora
 RESUME_FREE = ("max_steps", "output_dir", "progress", "save_every", "save_total_limit", "report_to",
                "log_completions", "eval_every", "verifier_workers", "device", "attn_implementation",
                "gradient_checkpointing", "generation_batch_size", "teacher_micro_batch_size", "micro_batch_size",
-               "skill_bank", "vllm_gpu_memory_utilization", "max_consecutive_skipped_steps")
+               "skill_bank", "vllm_gpu_memory_utilization", "max_consecutive_skipped_steps", "vllm_mode",
+               "vllm_max_model_len", "vllm_enable_sleep_mode", "vllm_server_host", "vllm_server_port",
+               "vllm_group_port")
 
 
 class CheckpointSaveError(OSError):
@@ -143,8 +152,12 @@ def _first_line(err: BaseException) -> str:
 def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module, tokenizer: Any,
                     optimizer: torch.optim.Optimizer, scheduler: Any, trainer_state: dict[str, Any],
                     config_yaml: str, teacher_state: dict[str, torch.Tensor] | None = None,
-                    bank_path: str | os.PathLike | None = None, save_total_limit: int | None = None) -> Path:
+                    bank_path: str | os.PathLike | None = None, save_total_limit: int | None = None,
+                    rank_rng_states: dict[int, dict[str, Any]] | None = None) -> Path:
     """Write checkpoint-<step> atomically and prune old ones; returns its path.
+
+    rank_rng_states: the RNG states of ranks >= 1 of a multi-process run (rank 0, the caller,
+    writes its own), one file each, so a resume restores every rank's generators.
 
     Raises CheckpointSaveError (one line, "disk full?") when any part of the save fails; the
     temporary folder is removed first, so a full disk is not kept full by the failed attempt.
@@ -158,7 +171,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module, 
         tmp.mkdir(parents=True)
         _write(tmp, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
                trainer_state={**trainer_state, "step": step}, config_yaml=config_yaml,
-               teacher_state=teacher_state, bank_path=bank_path)
+               teacher_state=teacher_state, bank_path=bank_path, rank_rng_states=rank_rng_states or {})
         _publish(tmp, final, run / f".checkpoint-{step}.old-{os.getpid()}")
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -176,7 +189,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module, 
 
 def _write(tmp: Path, *, model: nn.Module, tokenizer: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
            trainer_state: dict[str, Any], config_yaml: str, teacher_state: dict[str, torch.Tensor] | None,
-           bank_path: str | os.PathLike | None) -> None:
+           bank_path: str | os.PathLike | None, rank_rng_states: dict[int, dict[str, Any]]) -> None:
     """Every file of a checkpoint into `tmp`, the trainer state last, then flushed to disk."""
     with _savable(model):
         model.save_pretrained(tmp / "model", safe_serialization=True)
@@ -184,6 +197,8 @@ def _write(tmp: Path, *, model: nn.Module, tokenizer: Any, optimizer: torch.opti
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng_state.pt")
+    for rank, state in sorted(rank_rng_states.items()):
+        torch.save(state, tmp / rank_rng_file(rank))
     if teacher_state:
         torch.save(teacher_state, tmp / "teacher_state.pt")
     if bank_path is not None:
@@ -320,6 +335,7 @@ def checkpoint_problem(path: str | os.PathLike, *, weights_only: bool = False) -
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             return f"{state_file}: not valid JSON ({err})"
         extra = [ckpt / "teacher_state.pt"] if (ckpt / "teacher_state.pt").exists() else []
+        extra += sorted(ckpt.glob("rng_state-rank*.pt"))
         files = weights + [ckpt / name for name in _TORCH_FILES] + extra
     for file in files:
         if not file.is_file():
@@ -458,15 +474,26 @@ def _load_file(file: Path, load: Callable[[Path], Any]) -> Any:
 
 
 def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
-    """Restore model, optimizer, scheduler and RNG states; return (trainer_state, teacher_state or None)."""
+                    scheduler: Any, rank: int = 0,
+                    log: Callable[[str], None] | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    """Restore model, optimizer, scheduler and RNG states; return (trainer_state, teacher_state or None).
+
+    rank: whose RNG file to restore. A checkpoint saved by fewer processes has none for a higher
+    rank; that rank then continues from rank 0's generators (said through `log`): rollouts are
+    seeded per problem in multi-process runs, so this changes no rollout.
+    """
     ckpt = Path(path)
+    rng_file = ckpt / rank_rng_file(rank)
+    if not rng_file.is_file() and rank > 0:
+        if log is not None:
+            log(f"notice: {ckpt} holds no RNG state for rank {rank}; it continues from rank 0's")
+        rng_file = ckpt / rank_rng_file(0)
     _load_file(ckpt / "model", lambda f: load_model_weights(model, f))
     device = next(model.parameters()).device
     _load_file(ckpt / "optimizer.pt", lambda f: optimizer.load_state_dict(
         torch.load(f, map_location=device, weights_only=False)))
     _load_file(ckpt / "scheduler.pt", lambda f: scheduler.load_state_dict(torch.load(f, weights_only=False)))
-    _load_file(ckpt / "rng_state.pt", lambda f: set_rng_state(torch.load(f, weights_only=False)))
+    _load_file(rng_file, lambda f: set_rng_state(torch.load(f, weights_only=False)))
     teacher = None
     if (ckpt / "teacher_state.pt").is_file():
         teacher = _load_file(ckpt / "teacher_state.pt",

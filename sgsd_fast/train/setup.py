@@ -13,7 +13,7 @@ from torch import nn
 from sgsd_fast.config import TrainConfig
 from sgsd_fast.data import Problem, generate_problems, load_problems
 from sgsd_fast.models import LoraSettings, load_model_and_tokenizer
-from sgsd_fast.rollout import HFRolloutEngine, RolloutEngine, VLLMRolloutEngine
+from sgsd_fast.rollout import HFRolloutEngine, RolloutEngine, VLLMRolloutEngine, VLLMServerEngine
 from sgsd_fast.skills import Retriever, SkillBank, make_encoder, starter_bank_path
 from sgsd_fast.skills.store import remove_bank_files
 from sgsd_fast.verify import Verifier
@@ -28,10 +28,12 @@ def lora_settings(cfg: TrainConfig) -> LoraSettings:
                         tuple(t.strip() for t in targets.split(",") if t.strip()))
 
 
-def build_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
-    """(policy, tokenizer) as configured: dtype, device, attention, checkpointing, LoRA, Liger."""
+def build_model(cfg: TrainConfig, *, device: str | None = None) -> tuple[nn.Module, Any]:
+    """(policy, tokenizer) as configured: dtype, device, attention, checkpointing, LoRA, Liger.
+
+    device: overrides `cfg.device` (a rank of a multi-process run loads onto cuda:LOCAL_RANK)."""
     lora = lora_settings(cfg) if cfg.use_peft else None
-    return load_model_and_tokenizer(cfg.model, gguf_file=cfg.gguf_file, dtype=cfg.dtype, device=cfg.device,
+    return load_model_and_tokenizer(cfg.model, gguf_file=cfg.gguf_file, dtype=cfg.dtype, device=device or cfg.device,
                                     attn_implementation=cfg.attn_implementation,
                                     gradient_checkpointing=cfg.gradient_checkpointing, lora=lora, liger=cfg.liger)
 
@@ -58,12 +60,21 @@ def build_verifier(cfg: TrainConfig) -> Verifier:
                     answer_phrase=cfg.answer_phrase)
 
 
-def build_engine(cfg: TrainConfig, model: nn.Module, tokenizer: Any) -> RolloutEngine:
-    """The training rollout engine (`rollout_engine`), sampling with the configured parameters."""
+def build_engine(cfg: TrainConfig, model: nn.Module, tokenizer: Any, *, rank: int = 0,
+                 world_size: int = 1) -> RolloutEngine:
+    """The training rollout engine (`rollout_engine`, `vllm_mode`), sampling with the configured parameters.
+
+    rank, world_size: this process in a multi-process run (a colocated vLLM engine per rank under
+    torchrun; in server mode only rank 0 pushes weights)."""
+    sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+    if cfg.rollout_engine == "vllm" and cfg.vllm_mode == "server":
+        return VLLMServerEngine(tokenizer, **sampling, host=cfg.vllm_server_host, server_port=cfg.vllm_server_port,
+                                group_port=cfg.vllm_group_port, pushes_weights=rank == 0)
     if cfg.rollout_engine == "vllm":
-        return VLLMRolloutEngine(cfg.model, tokenizer, max_new_tokens=cfg.max_new_tokens,
-                                 temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                 gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
+        return VLLMRolloutEngine(cfg.model, tokenizer, **sampling,
+                                 gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                                 max_model_len=cfg.vllm_max_model_len, enable_sleep_mode=cfg.vllm_enable_sleep_mode,
+                                 distributed=world_size > 1, seed=cfg.seed)
     return HFRolloutEngine(model, tokenizer, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                            top_p=cfg.top_p, top_k=cfg.top_k, batch_size=cfg.generation_batch_size)
 

@@ -8,7 +8,12 @@ RKL and GRPO); dividing by the batch's count of those units makes the accumulate
 the gradient of the full-batch loss.
 
 A non-finite loss, hidden state or gradient norm skips the update (gradients dropped, no
-optimizer step) instead of crashing; the trainer counts it. The learning-rate schedule still
+optimizer step) instead of crashing; the trainer counts it.
+
+Data parallel (`sgsd_fast.train.distributed`): each rank holds its share of the batch; the units
+are summed over ranks first, each rank's loss is multiplied by the world size because DDP
+averages the gradients, and the per-micro-batch finiteness decision is taken jointly, so every rank
+runs the same number of backward passes and skips the same steps. The learning-rate schedule still
 advances, so the schedule is a function of the step index alone (and resume stays exact).
 """
 from __future__ import annotations
@@ -23,7 +28,8 @@ from torch import nn
 
 from sgsd_fast.config import TrainConfig
 from sgsd_fast.models import lm_head_weight
-from sgsd_fast.train.batch import forward_hidden, pack
+from sgsd_fast.train.batch import PackedBatch, forward_hidden, pack
+from sgsd_fast.train.distributed import SINGLE, Distributed, accumulate
 from sgsd_fast.train.objectives import MicroBatch, Objective, Payload
 
 
@@ -94,45 +100,62 @@ class StepResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+def _student_hidden(model: nn.Module, ddp: nn.Module | None, batch: PackedBatch) -> torch.Tensor:
+    """The student's [b, T, H] states: through DDP (which then reduces the gradients) when data parallel."""
+    if ddp is None:
+        return forward_hidden(model, batch)
+    return batch.completion_hidden(ddp(batch.input_ids, batch.attention_mask, batch.position_ids))
+
+
 def update_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
-                objective: Objective, inp: StepInputs, cfg: TrainConfig, *, pad_id: int) -> StepResult:
+                objective: Objective, inp: StepInputs, cfg: TrainConfig, *, pad_id: int,
+                dist: Distributed = SINGLE, ddp: nn.Module | None = None) -> StepResult:
     """Accumulate the objective's loss over micro-batches, clip, step the optimizer (unless
-    non-finite), advance the lr."""
+    non-finite), advance the lr.
+
+    dist, ddp: data parallel (`Distributed` and its `data_parallel(model)`); `inp` is then this
+    rank's share of the batch, and loss, metrics and the update are those of the whole batch.
+    """
     b = len(inp.completion_ids)
     length = inp.mask.shape[1]
     weight = lm_head_weight(model)
     device = weight.device
-    batch_units = max(1, objective.units(inp.mask))
+    batch_units = max(1, dist.sum_int(objective.units(inp.mask)))
     lr = optimizer.param_groups[0]["lr"]
     optimizer.zero_grad(set_to_none=True)
     model.train()  # dropout stays off in our configs; train mode lets gradient checkpointing work
     total_loss, metrics_acc = 0.0, {}
     # A NaN teacher score (or any non-finite input) would poison the loss: skip rather than crash.
-    finite = inp.payload.finite()
+    finite = dist.all_true(inp.payload.finite())
+    starts = list(range(0, b if finite else 0, cfg.micro_batch_size))
     try:
-        for b0 in range(0, b if finite else 0, cfg.micro_batch_size):
+        for b0 in starts:
             sl = slice(b0, min(b0 + cfg.micro_batch_size, b))
-            batch = pack(inp.prompt_ids[sl], inp.completion_ids[sl], pad_id=pad_id, length=length, device=device)
-            hidden = forward_hidden(model, batch)
-            if not bool(torch.isfinite(hidden).all()):
-                finite = False
-                break
-            mask = inp.mask[sl].to(device)
-            # Any valid id at masked positions: the losses ignore them.
-            mb = MicroBatch(hidden=hidden, head=weight, targets=batch.targets.clamp(min=0), mask=mask,
-                            rewards=inp.rewards[sl], rows=sl)
-            out = objective.loss(mb, inp.payload)
-            loss = out.total / batch_units
-            if not bool(torch.isfinite(loss)):
-                finite = False
-                break
-            loss.backward()
+            with accumulate(ddp, sync=b0 == starts[-1]):
+                batch = pack(inp.prompt_ids[sl], inp.completion_ids[sl], pad_id=pad_id, length=length, device=device)
+                hidden = _student_hidden(model, ddp, batch)
+                loss = out = None
+                mask = inp.mask[sl].to(device)
+                if bool(torch.isfinite(hidden).all()):
+                    # Any valid id at masked positions: the losses ignore them.
+                    mb = MicroBatch(hidden=hidden, head=weight, targets=batch.targets.clamp(min=0), mask=mask,
+                                    rewards=inp.rewards[sl], rows=sl)
+                    out = objective.loss(mb, inp.payload)
+                    loss = out.total / batch_units
+                if not dist.all_true(loss is not None and bool(torch.isfinite(loss))):
+                    finite = False
+                    break
+                (loss * dist.world_size if dist.enabled else loss).backward()
             total_loss += float(loss.detach())
             share = objective.units(mask) / batch_units
             for key, value in out.metrics.items():
                 metrics_acc[key] = metrics_acc.get(key, 0.0) + share * float(value)
     finally:
         model.eval()
+    if finite and dist.enabled:
+        keys = sorted(metrics_acc)
+        total_loss, *values = dist.sum_floats([total_loss] + [metrics_acc[k] for k in keys])
+        metrics_acc = dict(zip(keys, values))
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = float("nan")
     if finite:

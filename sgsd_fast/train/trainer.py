@@ -17,6 +17,14 @@ One step s (0-based; logged as step s + 1):
 
 Ctrl-C saves a checkpoint and returns cleanly; `resume=` continues from one to the same result
 as an uninterrupted run.
+
+Under torchrun / accelerate launch (`sgsd_fast.train.distributed`) every rank runs this loop on
+its slice of each step's problems (whole problems: a GRPO group never spans ranks) with the
+rollouts seeded per problem, so the rollouts, the loss and the update are those of one process on
+the whole batch. Per-rollout results are gathered for the metrics, the SGSD batch baseline and
+online evolution; rank 0 alone creates the run directory (its path is broadcast), writes logs,
+checkpoints (with every rank's RNG state), plots and the skill bank. Every rank evaluates the
+whole held-out set (the same greedy / seeded results; rank 0 writes them).
 """
 from __future__ import annotations
 
@@ -40,10 +48,11 @@ from sgsd_fast.config import TrainConfig, check_output_dir
 from sgsd_fast.data import Problem
 from sgsd_fast.models import apply_lora, is_peft_model
 from sgsd_fast.prompts import render_prompt, student_prompts
-from sgsd_fast.rollout import HFRolloutEngine
+from sgsd_fast.rollout import HFRolloutEngine, generate_groups, group_seed
 from sgsd_fast.skills import OnlineEvolver, SkillBank
 from sgsd_fast.train.batch import TokenMasker
-from sgsd_fast.train.checkpoint import check_resume, clean_stale_saves, load_checkpoint, save_checkpoint
+from sgsd_fast.train.checkpoint import check_resume, clean_stale_saves, load_checkpoint, rng_state, save_checkpoint
+from sgsd_fast.train.distributed import Distributed
 from sgsd_fast.train.evaluate import eval_records_path, evaluate, read_records, record_clusters, write_records
 from sgsd_fast.train.metrics import PLOT_FILE, MetricsLogger, plot_curves
 from sgsd_fast.train.objectives import Rollouts, get_objective
@@ -83,27 +92,31 @@ class Trainer:
         verifier: anything with `.score(completions, answers)` (default: a Verifier pool from cfg).
         run_dir: default cfg.output_dir or runs/<timestamp>.
         resume: a checkpoint folder to continue from.
-        log: where progress lines go (default: print).
+        log: where progress lines go (default: print; rank 0 only).
+        dist: the process's place in a multi-process job (default: read from the launcher's
+            environment; one process without it).
     """
 
     def __init__(self, cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = None,
                  train_problems: Sequence[Problem] | None = None, eval_problems: Sequence[Problem] | None = None,
                  verifier: Any = None, run_dir: str | Path | None = None, resume: str | Path | None = None,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, dist: Distributed | None = None) -> None:
         if (model is None) != (tokenizer is None):
             raise ValueError("pass both model and tokenizer, or neither")
         self.cfg = cfg
-        self.log = log
+        self.dist = dist = dist if dist is not None else Distributed.from_environment(cfg.device)
+        self.log = log if dist.is_main else (lambda line: None)
+        if cfg.prompts_per_step % dist.world_size:
+            raise ValueError(f"config field 'prompts_per_step': {cfg.prompts_per_step} problems per step cannot be "
+                             f"split over {dist.world_size} processes; use a multiple of {dist.world_size}")
+        self.seeding = cfg.rollout_seeding if cfg.rollout_seeding != "auto" else "problem" if dist.enabled else "step"
+        if self.seeding == "step" and dist.enabled:
+            raise ValueError("config field 'rollout_seeding': 'step' samples the whole batch in one process; "
+                             "a multi-process run needs 'problem' (or 'auto')")
         objective_cls = get_objective(cfg.method)
         # Everything that can fail without the model is checked before it loads (seconds, not a
         # download): the run directory, the checkpoint to resume, the data and the skill bank.
-        self.run_dir = Path(run_dir or cfg.output_dir or default_run_dir())
-        check_output_dir(self.run_dir)
-        for message in clean_stale_saves(self.run_dir):
-            log(message)
-        if resume is not None:
-            for message in check_resume(resume, cfg):
-                log(message)
+        self.run_dir = dist.on_main(lambda: self._make_run_dir(run_dir, resume))
         self.train_problems = list(train_problems) if train_problems is not None else load_train_problems(cfg)
         self.eval_problems = list(eval_problems) if eval_problems is not None else load_eval_problems(cfg)
         if not self.train_problems:
@@ -113,12 +126,13 @@ class Trainer:
         self.bank_path: Path | None = None
         if objective_cls.uses_skill_bank:
             resumed_bank = Path(resume) / BANK_FILE if resume is not None else None
-            self.bank_path = prepare_bank(cfg, self.run_dir, start=resumed_bank if resumed_bank and
-                                          resumed_bank.is_file() else None)
+            # One bank file, written by rank 0 only; the other ranks read it (same node).
+            self.bank_path = dist.on_main(lambda: prepare_bank(cfg, self.run_dir, start=resumed_bank if resumed_bank
+                                                               and resumed_bank.is_file() else None))
         self._seed_everything(cfg.seed)
 
         if model is None:
-            model, tokenizer = build_model(cfg)
+            model, tokenizer = build_model(cfg, device=str(dist.device) if dist.enabled else cfg.device)
         elif cfg.use_peft and not is_peft_model(model):
             model = apply_lora(model, lora_settings(cfg))
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -126,7 +140,7 @@ class Trainer:
 
         self._owns_verifier = verifier is None
         self.verifier = verifier or build_verifier(cfg)
-        self.engine = build_engine(cfg, model, tokenizer)
+        self.engine = build_engine(cfg, model, tokenizer, rank=dist.rank, world_size=dist.world_size)
         # Only methods with teachers pay for them (a frozen teacher without LoRA is a full model copy).
         self.teachers = TeacherPool(model, tokenizer, params=cfg.teacher_params, ema_decay=cfg.ema_decay,
                                     micro_batch_size=cfg.teacher_micro_batch_size,
@@ -142,28 +156,47 @@ class Trainer:
                                       "online_updates": 0}
         if resume is not None:
             self.state, teacher_state = load_checkpoint(resume, model=model, optimizer=self.optimizer,
-                                                        scheduler=self.scheduler)
+                                                        scheduler=self.scheduler, rank=dist.rank, log=log)
             if teacher_state is not None and self.teachers is not None:
                 self.teachers.params.load_state_dict(teacher_state)
+        # After the resume load: DDP starts every replica from rank 0's weights.
+        self.ddp = dist.data_parallel(model)
         if self.bank_path is not None:
-            self.bank = SkillBank(self.bank_path)
+            self.bank = SkillBank(self.bank_path, read_only=not dist.is_main)
             self.retriever = build_retriever(cfg, self.bank, model, tokenizer)
-            if cfg.online_update_every:
+            if cfg.online_update_every and dist.is_main:
                 self.evolver = OnlineEvolver(self.bank, self._generate_text, every=cfg.online_update_every,
                                              success_threshold=cfg.online_success_threshold,
                                              max_new=cfg.online_max_new, cap=cfg.online_cap,
                                              render_fn=self._render_note_prompt, model_name=cfg.model,
                                              batch_size=cfg.generation_batch_size)
         self.objective = objective_cls(cfg, teachers=self.teachers, retriever=self.retriever)
-        self.metrics = MetricsLogger(self.run_dir, report_to=cfg.report_to)
-        if resume is not None:
-            self.metrics.rewrite(self.state["history"])  # drop rows logged after the checkpoint
-            self._truncate_completions(int(self.state.get("step", 0)))
-        (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+        self.metrics = MetricsLogger(self.run_dir, report_to=cfg.report_to) if dist.is_main else None
+        if self.metrics is not None:
+            if resume is not None:
+                self.metrics.rewrite(self.state["history"])  # drop rows logged after the checkpoint
+                self._truncate_completions(int(self.state.get("step", 0)))
+            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
         self._stop_requested = False
         self._epoch_orders: dict[int, list[int]] = {}
 
     # ---- helpers -----------------------------------------------------------------------------
+
+    def _make_run_dir(self, run_dir: str | Path | None, resume: str | Path | None) -> Path:
+        """Pick and check the run directory, clean stale saves, check the resume (rank 0 alone)."""
+        path = Path(run_dir or self.cfg.output_dir or default_run_dir())
+        check_output_dir(path)
+        for message in clean_stale_saves(path):
+            self.log(message)
+        if resume is not None:
+            for message in check_resume(resume, self.cfg):
+                self.log(message)
+        return path
+
+    def _log_row(self, row: dict[str, Any]) -> None:
+        self.state["history"].append(row)
+        if self.metrics is not None:
+            self.metrics.log(row)
 
     @staticmethod
     def _seed_everything(seed: int) -> None:
@@ -228,16 +261,23 @@ class Trainer:
                           chat_template=cfg.student_chat_template, thinking=cfg.student_thinking,
                           fmt=cfg.answer_format, reject_repetition=cfg.reject_repetition)
         metrics = result.metrics
-        write_records(eval_records_path(self.run_dir, step), result.records)
+        if self.dist.is_main:
+            write_records(eval_records_path(self.run_dir, step), result.records)
         row = {"step": step, "eval_step": step, **metrics, "time/eval": time.perf_counter() - t0}
-        self.state["history"].append(row)
-        self.metrics.log(row)
+        self._log_row(row)
         k = f", avg@{cfg.eval_samples} {metrics['eval/avg_at_k']:.3f}" if cfg.eval_samples else ""
         self.log(f"[eval step {step}] accuracy {metrics['eval/accuracy']:.3f}{k}, "
                  f"format rate {metrics['eval/format_rate']:.3f} ({len(self.eval_problems)} problems)")
         return metrics
 
     def _save(self, step: int) -> Path:
+        """Checkpoint `step` on rank 0 with every rank's RNG state; a failure is raised on every rank."""
+        states = self.dist.gather(rng_state())
+        path = self.dist.on_main(lambda: self._save_main(step, dict(enumerate(states))))
+        self.state["last_checkpoint"] = str(path)
+        return path
+
+    def _save_main(self, step: int, rank_rng_states: dict[int, dict[str, Any]]) -> Path:
         if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
             raise TrainingDiverged(f"the weights hold inf/NaN values at step {step}; not saving them "
                                    f"(the last checkpoint in {str(self.run_dir)!r} is kept)")
@@ -245,24 +285,32 @@ class Trainer:
                                optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=self.state,
                                config_yaml=self.cfg.to_yaml(),
                                teacher_state=self.teachers.params.state_dict() if self.teachers else None,
-                               bank_path=self.bank_path, save_total_limit=self.cfg.save_total_limit)
-        self.state["last_checkpoint"] = str(path)
+                               bank_path=self.bank_path, save_total_limit=self.cfg.save_total_limit,
+                               rank_rng_states={r: st for r, st in rank_rng_states.items() if r > 0})
         return path
 
     # ---- one step ----------------------------------------------------------------------------
 
     def train_step(self, step: int) -> dict[str, Any]:
         """Run step `step` (0-based) and return its metrics row (logged as step + 1)."""
-        cfg, times = self.cfg, {}
+        cfg, dist, times = self.cfg, self.dist, {}
         t_start = time.perf_counter()
+        # Every rank draws the same problems and takes its slice of whole problems.
+        step_problems = dist.shard(self.batch_problems(step))
+        first = dist.offset(cfg.prompts_per_step)
         # Each problem's num_generations rollouts are adjacent (a GRPO group); each row samples on its own.
-        problems = [p for p in self.batch_problems(step) for _ in range(cfg.num_generations)]
+        problems = [p for p in step_problems for _ in range(cfg.num_generations)]
         prompts = student_prompts(self.tokenizer, [p.question for p in problems],
                                   chat_template=cfg.student_chat_template, thinking=cfg.student_thinking,
                                   fmt=cfg.answer_format)
         t = time.perf_counter()
         self.engine.sync_weights(self.model)
-        rollouts = self.engine.generate(prompts, seed=cfg.seed + step)
+        dist.barrier()  # a vLLM server takes rank 0's weights: nobody samples before they are in
+        if self.seeding == "step":
+            rollouts = self.engine.generate(prompts, seed=cfg.seed + step)
+        else:
+            seeds = [group_seed(cfg.seed, step, first + i) for i in range(len(step_problems))]
+            rollouts = generate_groups(self.engine, prompts, group_size=cfg.num_generations, seeds=seeds)
         times["time/generate"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -271,12 +319,18 @@ class Trainer:
         times["time/verify"] = time.perf_counter() - t
         rewards = torch.tensor(gated if cfg.reject_repetition else verdict.rewards, dtype=torch.float32,
                                device=self.device)
+        # The whole batch's per-rollout results, in single-process order (this rank's own in one process).
+        every = dist.gather_concat(list(zip(rewards.tolist(), verdict.rewards, [x is not None for x in verdict.extracted],
+                                            loops, [len(c) for c in rollouts.completion_ids], rollouts.truncated,
+                                            rollouts.completion_texts)))
+        batch_rewards = rewards if not dist.enabled else torch.tensor([e[0] for e in every], dtype=torch.float32)
 
         completions = [list(c) for c in rollouts.completion_ids]
-        length = max(1, max(len(c) for c in completions))
+        # The batch's longest completion on every rank: the same padded width as in one process.
+        length = dist.max_int(max(1, max(len(c) for c in completions)))
         t = time.perf_counter()
         payload = self.objective.prepare(Rollouts(problems=problems, completions=completions, length=length,
-                                                  rewards=rewards))
+                                                  rewards=rewards, batch_reward_mean=float(batch_rewards.mean())))
         times["time/teachers"] = time.perf_counter() - t
 
         mask = self.masker.mask(completions, length).to(self.device)
@@ -284,42 +338,43 @@ class Trainer:
                             rewards=rewards, payload=payload)
         t = time.perf_counter()
         result = update_step(self.model, self.optimizer, self.scheduler, self.objective, inputs, cfg,
-                             pad_id=self.tokenizer.pad_token_id)
+                             pad_id=self.tokenizer.pad_token_id, dist=dist, ddp=self.ddp)
         times["time/update"] = time.perf_counter() - t
         if not result.skipped and self.teachers is not None:
             self.teachers.params.update()
 
+        # The whole batch's problems (every rank has them: the step's draw), in rollout order.
+        all_problems = [p for p in self.batch_problems(step) for _ in range(cfg.num_generations)]
         online: dict[str, Any] = {}
-        if self.evolver is not None:
+        if self.bank is not None and cfg.online_update_every:
             t = time.perf_counter()
-            online = self.evolver.maybe_update(step + 1, [p.question for p in problems], rollouts.completion_texts,
-                                               verdict.rewards, answers=[p.answer for p in problems])
+            online = dist.on_main(lambda: self._evolve(step, all_problems, [e[6] for e in every],
+                                                       [e[1] for e in every]))
             times["time/online_update"] = time.perf_counter() - t
             if online:
                 self.state["online_updates"] += 1
-                snapshots = self.run_dir / "bank_snapshots"
-                snapshots.mkdir(exist_ok=True)
-                self.bank.export_json(snapshots / f"step-{step + 1}.json")
+        timeouts, errors, mask_tokens = (int(x) for x in dist.sum_floats([verdict.timeouts, verdict.errors,
+                                                                           int(mask.sum())]))
         self.state["skipped_steps"] += int(result.skipped)
-        self.state["verifier_timeouts"] += int(verdict.timeouts)
-        lengths = [len(c) for c in completions]
+        self.state["verifier_timeouts"] += timeouts
+        lengths = [e[4] for e in every]
         row: dict[str, Any] = {
             "step": step + 1,
             "loss": result.loss,
-            "reward": float(rewards.mean()),
-            "format_rate": sum(x is not None for x in verdict.extracted) / len(verdict.extracted),
-            "repetition_rate": sum(loops) / len(loops),
+            "reward": float(batch_rewards.mean()),
+            "format_rate": sum(e[2] for e in every) / len(every),
+            "repetition_rate": sum(e[3] for e in every) / len(every),
             "grad_norm": result.grad_norm,
             "lr": result.lr,
             "skipped": int(result.skipped),
             "skipped_steps": self.state["skipped_steps"],
-            "verifier_timeouts": int(verdict.timeouts),
-            "verifier_errors": int(verdict.errors),
+            "verifier_timeouts": timeouts,
+            "verifier_errors": errors,
             "completion_length/mean": sum(lengths) / len(lengths),
             "completion_length/min": min(lengths),
             "completion_length/max": max(lengths),
-            "truncation_rate": sum(rollouts.truncated) / len(rollouts.truncated),
-            "mask_tokens": int(mask.sum()),
+            "truncation_rate": sum(e[5] for e in every) / len(every),
+            "mask_tokens": mask_tokens,
             "num_teachers": payload.num_teachers,
             **result.metrics,
             **{f"online/{k}": v for k, v in online.items() if isinstance(v, (int, float))},
@@ -327,12 +382,23 @@ class Trainer:
             "time/step": time.perf_counter() - t_start,
             "peak_memory_mb": peak_memory_mb(self.device),
         }
-        if cfg.log_completions:
+        if cfg.log_completions and dist.is_main:
             with (self.run_dir / "completions.jsonl").open("a") as fh:
-                for p, text, r in list(zip(problems, rollouts.completion_texts, rewards.tolist()))[:cfg.log_completions]:
+                for p, text, r in list(zip(all_problems, [e[6] for e in every],
+                                           batch_rewards.tolist()))[:cfg.log_completions]:
                     fh.write(json.dumps({"step": step + 1, "problem_id": p.id, "question": p.question,
                                          "answer": p.answer, "completion": text, "reward": float(r)}) + "\n")
         return row
+
+    def _evolve(self, step: int, problems: list[Problem], texts: list[str], rewards: list[float]) -> dict[str, Any]:
+        """Online skill-bank evolution on the whole batch (rank 0); a bank snapshot when it changed."""
+        online = self.evolver.maybe_update(step + 1, [p.question for p in problems], texts, rewards,
+                                           answers=[p.answer for p in problems])
+        if online:
+            snapshots = self.run_dir / "bank_snapshots"
+            snapshots.mkdir(exist_ok=True)
+            self.bank.export_json(snapshots / f"step-{step + 1}.json")
+        return online
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -359,14 +425,14 @@ class Trainer:
         try:
             if start == 0 and cfg.eval_at_start and not self.state["history"]:
                 self._evaluate(0)
-            bar = tqdm(total=cfg.max_steps, initial=start, disable=not cfg.progress, desc="train", unit="step",
+            bar = tqdm(total=cfg.max_steps, initial=start, disable=not (cfg.progress and self.dist.is_main),
+                       desc="train", unit="step",
                        dynamic_ncols=True, file=sys.stderr)
             step = start
             for step in range(start, cfg.max_steps):
                 row = self.train_step(step)
                 self.state["step"] = step + 1
-                self.state["history"].append(row)
-                self.metrics.log(row)
+                self._log_row(row)
                 self._check_diverged(step + 1)
                 bar.update(1)
                 bar.set_postfix(reward=f"{row['reward']:.2f}", loss=f"{row['loss']:.4f}",
@@ -375,7 +441,8 @@ class Trainer:
                 last = done == cfg.max_steps
                 if cfg.eval_every and done % cfg.eval_every == 0 and not last:
                     self._evaluate(done)
-                if self._stop_requested:
+                # A Ctrl-C reaches the ranks at different moments: they stop together.
+                if self.dist.any_true(self._stop_requested):
                     interrupted = True
                     break
                 if cfg.save_every and done % cfg.save_every == 0 and not last:
@@ -390,11 +457,17 @@ class Trainer:
         finally:
             if handler_installed:
                 signal.signal(signal.SIGINT, previous)
+        wall = time.perf_counter() - t_run
+        summary = self.dist.on_main(lambda: self._finish(interrupted, checkpoint, wall))
+        self.log(self._summary_text(summary))
+        return summary
+
+    def _finish(self, interrupted: bool, checkpoint: Path | None, wall: float) -> dict[str, Any]:
+        """The plot, the summary and its file (rank 0)."""
         plot = plot_curves(self.state["history"], self.run_dir / PLOT_FILE)
-        summary = self._summary(interrupted, checkpoint, plot, time.perf_counter() - t_run)
+        summary = self._summary(interrupted, checkpoint, plot, wall)
         if not interrupted:  # a finished run's marker: `sgsd-fast compare` skips runs that have one
             (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-        self.log(self._summary_text(summary))
         return summary
 
     def _check_diverged(self, step: int) -> None:
@@ -462,15 +535,29 @@ class Trainer:
                      f"plot: {s['plot']}")
         return "\n".join(lines)
 
-    def close(self) -> None:
-        self.metrics.close()
+    def close(self, *, failed: bool = False) -> None:
+        """Release the logger, bank, verifier and process group.
+
+        The other ranks close their read-only bank connections before rank 0 closes its own, so
+        the last connection is the writer's, which folds the WAL back into the file and deletes
+        the -wal/-shm files. After a failure (`failed`) nobody waits for the others: a rank that
+        died would never arrive.
+        """
+        if self.metrics is not None:
+            self.metrics.close()
         if self.bank is not None:
-            self.bank.close()
+            if not self.dist.is_main:
+                self.bank.close()
+            if not failed:
+                self.dist.barrier()
+            if self.dist.is_main:
+                self.bank.close()
         if self._owns_verifier:
             self.verifier.close()
+        self.dist.close()
 
     def __enter__(self) -> Trainer:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(failed=exc_type is not None)

@@ -32,13 +32,19 @@ class Rollouts:
     """One step's verified rollouts, as the objectives see them (B rollouts, T = longest completion).
 
     problems[i] is the problem rollout i answers; the `num_generations` rollouts of one problem
-    are adjacent (a GRPO group).
+    are adjacent (a GRPO group). In a multi-process run these are this rank's share of the step
+    (whole groups); `batch_reward_mean` is the mean reward of the whole step's batch over all ranks.
     """
 
     problems: Sequence[Any]
     completions: Sequence[Sequence[int]]
     length: int
     rewards: torch.Tensor  # [B] on the training device
+    batch_reward_mean: float | None = None  # None: rewards.mean() (one process)
+
+    def reward_mean(self) -> float:
+        """The mean reward of the step's whole batch (all ranks)."""
+        return float(self.rewards.mean()) if self.batch_reward_mean is None else self.batch_reward_mean
 
 
 @dataclass

@@ -26,7 +26,8 @@ class SGSD(Objective):
     ids; loss: `ops.sgsd_loss` (one student pass serves all K teachers).
 
     `sgsd_outcome`: "sign" is the paper's outcome o = +1 / -1; "advantage" is o = r - mean r with the
-    mean of the step's whole batch (taken here, once, so gradient accumulation stays exact).
+    mean of the step's whole batch (taken once, over all ranks, so gradient accumulation and data
+    parallelism stay exact).
     """
 
     name = "sgsd"
@@ -37,7 +38,7 @@ class SGSD(Objective):
         pool = self._require("teachers")
         contexts, weights = retrieve_contexts(self._require("retriever"), rollouts.problems, self.cfg.num_teachers)
         prompts = pool.skill_conditioned(rollouts.problems, contexts)
-        baseline = float(rollouts.rewards.mean()) if self.cfg.sgsd_outcome == "advantage" else None
+        baseline = rollouts.reward_mean() if self.cfg.sgsd_outcome == "advantage" else None
         return SGSDPayload(teacher_logp=pool.score(prompts, rollouts.completions, rollouts.length),
                            teacher_weights=weights.to(rollouts.rewards.device), outcome_baseline=baseline)
 
