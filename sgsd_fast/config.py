@@ -168,7 +168,8 @@ class TrainConfig:
     max_steps: int = _f(20, "Optimizer steps (20 keeps the embedded CPU job under 15 minutes on 2 cores).")
     learning_rate: float = _f(1e-4, "Peak learning rate (1e-4 for LoRA r=16 on the embedded job; the paper: 5e-6 "
                               "for LoRA r=64 on Qwen3-1.7B).")
-    optim: str = _f("auto", f"Optimizer, one of {OPTIMIZERS}; 'auto' = paged_adamw_8bit on CUDA, adamw_8bit on CPU.")
+    optim: str = _f("auto", f"Optimizer, one of {OPTIMIZERS}; 'auto' = paged_adamw_8bit on CUDA, adamw_8bit on CPU "
+                    "(adamw_torch where bitsandbytes is not installed).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")

