@@ -77,17 +77,27 @@ class TrainConfig:
     lora_r: int = _f(16, "LoRA rank (with use_peft).")
     lora_alpha: int = _f(32, "LoRA alpha (with use_peft).")
     lora_dropout: float = _f(0.0, "LoRA dropout (with use_peft). Keep 0 so one student pass serves all teachers exactly.")
-    lora_target_modules: str = _f("all-linear", "Comma-separated module names for LoRA, or 'all-linear'.")
+    lora_target_modules: str = _f("all-linear", "Module names for LoRA (several: `--lora_target_modules q_proj "
+                                  "v_proj`, comma-separated, or a YAML list), or 'all-linear'.", multi=True)
+    load_in_4bit: bool = _f(False, "QLoRA: load the frozen base in 4 bits with bitsandbytes (NF4, double "
+                            "quantization, bf16 compute on CUDA / fp32 on CPU) and train the LoRA adapter on top; "
+                            "the lm_head stays unquantized for the fused ops. Needs use_peft.")
+    load_in_8bit: bool = _f(False, "Load the frozen base in 8 bits with bitsandbytes (LLM.int8) under the LoRA "
+                            "adapter, lm_head unquantized. Needs use_peft; excludes load_in_4bit.")
 
     # ---- data --------------------------------------------------------------------------------
     dataset: str = _f("builtin", "Training problems: 'builtin' (the generated arithmetic task), a JSONL/parquet "
                       "file, or a Hugging Face dataset (local or already cached).")
     problem_field: str = _f("problem", "Column holding the problem text (file/HF datasets).")
     answer_field: str = _f("answer", "Column holding the reference answer (file/HF datasets).")
+    dataset_config: str | None = _f(None, "Configuration name of a Hugging Face `dataset` (e.g. 'main' for "
+                                    "openai/gsm8k).")
     dataset_split: str = _f("train", "Split to read from a Hugging Face dataset.")
     dataset_limit: int | None = _f(None, "Use at most this many training problems from `dataset`.")
     eval_dataset: str = _f("builtin", "Held-out problems: 'builtin' (disjoint from the built-in training split) "
                            "or a file/HF dataset, same formats as `dataset`.")
+    eval_dataset_config: str | None = _f(None, "Configuration name of a Hugging Face `eval_dataset` (none = "
+                                         "dataset_config when eval_dataset is the same dataset).")
     eval_split: str = _f("test", "Split to read from a Hugging Face `eval_dataset`.")
     builtin_levels: list[int] = _f([1], "Difficulty levels of the built-in task (train and eval); level 1 is the "
                                    "one a 135M model solves part of the time.")
@@ -282,6 +292,12 @@ class TrainConfig:
              f"a non-empty list of distinct levels from {list(TASK_LEVELS)}")
         need(self.encoder not in ("sentence-transformers", "st") or self.encoder_model is not None, "encoder_model",
              "a model path or cached id when encoder='sentence-transformers'")
+        for name in ("load_in_4bit", "load_in_8bit"):
+            need(not getattr(self, name) or self.use_peft, name,
+                 "false unless use_peft is true (quantized base weights are frozen: QLoRA trains a LoRA adapter)")
+            need(not getattr(self, name) or importlib.util.find_spec("bitsandbytes") is not None, name,
+                 "false: bitsandbytes is not installed (pip install bitsandbytes)")
+        need(not (self.load_in_4bit and self.load_in_8bit), "load_in_8bit", "false when load_in_4bit is true")
         need(self.lora_target_modules.strip() != "", "lora_target_modules", "'all-linear' or module names")
         for name in ("dataset", "eval_dataset"):
             value = getattr(self, name)

@@ -29,18 +29,19 @@ def lora_settings(cfg: TrainConfig) -> LoraSettings:
 
 
 def build_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
-    """(policy, tokenizer) as configured: dtype, device, attention, checkpointing, LoRA, Liger."""
+    """(policy, tokenizer) as configured: dtype, device, attention, checkpointing, LoRA, Liger, 4/8-bit base."""
     lora = lora_settings(cfg) if cfg.use_peft else None
     return load_model_and_tokenizer(cfg.model, gguf_file=cfg.gguf_file, dtype=cfg.dtype, device=cfg.device,
                                     attn_implementation=cfg.attn_implementation,
-                                    gradient_checkpointing=cfg.gradient_checkpointing, lora=lora, liger=cfg.liger)
+                                    gradient_checkpointing=cfg.gradient_checkpointing, lora=lora, liger=cfg.liger,
+                                    load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit)
 
 
 def load_train_problems(cfg: TrainConfig) -> list[Problem]:
     if cfg.dataset == "builtin":
         return generate_problems(cfg.num_train_problems, seed=cfg.seed, split="train", levels=cfg.builtin_levels)
     return load_problems(cfg.dataset, problem_field=cfg.problem_field, answer_field=cfg.answer_field,
-                         split=cfg.dataset_split, limit=cfg.dataset_limit)
+                         split=cfg.dataset_split, config=cfg.dataset_config, limit=cfg.dataset_limit)
 
 
 def load_eval_problems(cfg: TrainConfig) -> list[Problem]:
