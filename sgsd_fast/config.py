@@ -34,7 +34,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 RETRIEVAL_MODES = ("similarity", "random")
 ROLLOUT_ENGINES = ("hf", "vllm")
-REPORT_TO = ("auto", "none", "tensorboard")
+#: Trackers `report_to` can name, with the package each needs (sgsd_fast.train.trackers implements them).
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
+REPORT_TO = ("auto", "none", *TRACKER_PACKAGES)
 ANSWER_FORMATS = ("boxed", "answer_is")  # keys of sgsd_fast.prompts.ANSWER_FORMATS
 # Names the layers above define; config sits below them, so it keeps copies (a test keeps them in step).
 ENCODERS = ("tfidf", "policy", "sentence-transformers", "st")  # what sgsd_fast.skills.make_encoder accepts
@@ -220,7 +222,10 @@ class TrainConfig:
     output_dir: str | None = _f(None, "Run directory (none = runs/<timestamp>).")
     save_every: int = _f(10, "Checkpoint every N steps (0 = only at the end and on Ctrl-C).")
     save_total_limit: int | None = _f(2, "Keep at most this many checkpoints (none = all).")
-    report_to: str = _f("auto", f"Extra metric sinks, one of {REPORT_TO}; 'auto' = TensorBoard when installed.")
+    report_to: str = _f("auto", f"Experiment trackers besides metrics.jsonl: one or several (comma- or "
+                        f"space-separated) of {tuple(TRACKER_PACKAGES)}, or 'none', or 'auto' (= TensorBoard when "
+                        "installed). Each gets the config, every metrics row, the eval results and the curves PNG; "
+                        "WANDB_MODE=offline runs wandb without a network.", multi=True)
     progress: bool = _f(True, "Show a progress bar.")
     log_completions: int = _f(1, "Completions per step written to completions.jsonl (0 = none).")
 
@@ -250,11 +255,15 @@ class TrainConfig:
         for name, choices in (("method", METHODS), ("answer_format", ANSWER_FORMATS), ("sgsd_outcome", SGSD_OUTCOMES),
                               ("teacher_params", TEACHER_PARAMS), ("optim", OPTIMIZERS),
                               ("lr_scheduler_type", SCHEDULERS), ("dtype", DTYPES), ("device", DEVICES),
-                              ("retrieval", RETRIEVAL_MODES), ("report_to", REPORT_TO),
+                              ("retrieval", RETRIEVAL_MODES),
                               ("rollout_engine", ROLLOUT_ENGINES), ("encoder", ENCODERS)):
             need(getattr(self, name) in choices, name, f"one of {choices}")
-        need(self.report_to != "tensorboard" or importlib.util.find_spec("tensorboard") is not None, "report_to",
-             "'auto' or 'none' ('tensorboard' needs the tensorboard package: pip install tensorboard)")
+        names = _split_names(self.report_to)
+        need(bool(names) and all(n in REPORT_TO for n in names), "report_to",
+             f"one or several of {REPORT_TO}")
+        need(len(names) == 1 or not {"auto", "none"} & set(names), "report_to", "'auto' or 'none' alone")
+        for name in names:
+            need(missing_tracker(name) is None, "report_to", f"installed trackers only ({missing_tracker(name)})")
         for name in ("prompts_per_step", "num_generations", "max_new_tokens", "generation_batch_size", "num_teachers",
                      "teacher_micro_batch_size", "max_steps", "micro_batch_size", "lora_r", "lora_alpha",
                      "num_train_problems", "num_eval_problems", "verifier_workers", "online_max_new", "online_cap",
@@ -331,6 +340,38 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> TrainConfig:
         return cls.from_dict(read_yaml(path))
+
+
+def canonical_fields(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with deprecated names (FutureWarning) and `ALIASES` replaced by our field names;
+    a field given under two spellings is a ConfigError naming both."""
+    out = rename_deprecated(values)
+    for alias, name in ALIASES.items():
+        if alias in out:
+            if name in out:
+                raise ConfigError(f"config fields {alias!r} and {name!r} are the same field; give only one")
+            out[name] = out.pop(alias)
+    return out
+
+
+def _split_names(value: str) -> list[str]:
+    return [n for n in value.replace(",", " ").split() if n]
+
+
+def missing_tracker(name: str) -> str | None:
+    """How to install tracker `name` when its package is missing (None when it is there or no package)."""
+    package = TRACKER_PACKAGES.get(name)
+    if package is None or importlib.util.find_spec(package) is not None:
+        return None
+    return f"{name!r} needs the {package} package: pip install {package}, or pip install 'sgsd-fast[trackers]'"
+
+
+def report_to_names(report_to: str) -> tuple[str, ...]:
+    """The trackers a validated `report_to` value starts: 'auto' = TensorBoard when installed, 'none' = none."""
+    names = _split_names(report_to)
+    if names == ["auto"]:
+        return ("tensorboard",) if importlib.util.find_spec("tensorboard") is not None else ()
+    return tuple(n for n in names if n != "none")
 
 
 def rename_deprecated(values: dict[str, Any]) -> dict[str, Any]:

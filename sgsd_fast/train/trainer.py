@@ -158,7 +158,7 @@ class Trainer:
                                              render_fn=self._render_note_prompt, model_name=cfg.model,
                                              batch_size=cfg.generation_batch_size)
         self.objective = objective_cls(cfg, teachers=self.teachers, retriever=self.retriever)
-        self.metrics = MetricsLogger(self.run_dir, report_to=cfg.report_to)
+        self.metrics = MetricsLogger(self.run_dir, report_to=cfg.report_to, config=cfg.to_dict())
         if resume is not None:
             self.metrics.rewrite(self.state["history"])  # drop rows logged after the checkpoint
             self._truncate_completions(int(self.state.get("step", 0)))
@@ -394,6 +394,7 @@ class Trainer:
             if handler_installed:
                 signal.signal(signal.SIGINT, previous)
         plot = plot_curves(self.state["history"], self.run_dir / PLOT_FILE)
+        self.metrics.log_image(plot)
         summary = self._summary(interrupted, checkpoint, plot, time.perf_counter() - t_run)
         if not interrupted:  # a finished run's marker: `sgsd-fast compare` skips runs that have one
             (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
