@@ -1,7 +1,8 @@
 """Training configuration: one dataclass, YAML files and `--key value` command-line overrides.
 
-The conventions follow TRL's `TrlParser`: YAML keys are the dataclass field names, the command line
-overrides the YAML file, booleans are written `--flag true|false`, optional values accept `none`.
+The conventions follow TRL's `TrlParser`: YAML keys are the dataclass field names (or their Hugging
+Face / TRL aliases, `ALIASES`), the command line overrides the YAML file, booleans are written
+`--flag true|false` or as a bare `--flag`, list fields take several values, optional values accept `none`.
 Every field carries a help string (shown by `sgsd-fast train --help`), and the whole config is
 validated up front so that a bad value fails in a second with the field's name instead of an hour
 into a run. The defaults are the embedded CPU job (SmolLM2-135M-Instruct on the built-in task);
@@ -46,6 +47,22 @@ SGSD_OUTCOMES = ("sign", "advantage")
 
 #: Old field names still read from YAML files, checkpoints and the command line (with a FutureWarning).
 DEPRECATED_FIELDS = {"teacher_weights": "teacher_params"}
+
+#: The Hugging Face TrainingArguments / TRL names users type by habit, accepted everywhere a field
+#: name is (YAML keys, `--flags`) as spellings of ours, silently: both are current names. Only
+#: names whose meaning matches ours exactly are listed (TRL's per_device_train_batch_size counts
+#: prompts per device, not our rollouts per micro-batch, so it is not an alias).
+ALIASES = {
+    "model_name_or_path": "model",
+    "torch_dtype": "dtype",
+    "use_liger_kernel": "liger",
+    "dataset_name": "dataset",
+    "dataset_train_split": "dataset_split",
+    "dataset_test_split": "eval_split",
+    "max_completion_length": "max_new_tokens",
+    "save_steps": "save_every",
+    "eval_steps": "eval_every",
+}
 
 
 class ConfigError(ValueError):
@@ -327,8 +344,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         """Build from a mapping (e.g. parsed YAML); unknown keys are an error that suggests the closest field.
-        Deprecated field names (`DEPRECATED_FIELDS`) are renamed, with a FutureWarning."""
-        values = rename_deprecated(values)
+        Deprecated field names (`DEPRECATED_FIELDS`) are renamed, with a FutureWarning, and `ALIASES` silently."""
+        values = canonical_fields(values)
         names = [f.name for f in dataclasses.fields(cls)]
         for key in values:
             if key not in names:
@@ -432,9 +449,12 @@ def _field_types() -> dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
 
 
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
 def coerce_field(name: str, value: Any) -> Any:
     """A YAML or command-line value converted to the type of config field `name` (ConfigError naming it)."""
-    return _coerce(name, value, _field_types()[name])
+    return _coerce(name, value, _field_types()[name], _FIELDS[name].metadata.get("multi", False))
 
 
 def _looks_like_file(value: str) -> bool:
@@ -460,8 +480,17 @@ def _parse_bool(name: str, value: Any) -> bool:
     raise ConfigError(f"config field {name!r}: expected true or false, got {value!r}")
 
 
-def _coerce(name: str, value: Any, tp: Any) -> Any:
-    """Convert a YAML or command-line value to the field's type, or raise ConfigError naming the field."""
+def _list_items(value: Any) -> list[Any]:
+    """A YAML list, a command-line `nargs='+'` list or a comma-separated string as its items."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    parts = [part for v in values for part in (v.split(",") if isinstance(v, str) else [v])]
+    return [part.strip() if isinstance(part, str) else part for part in parts
+            if not isinstance(part, str) or part.strip()]
+
+
+def _coerce(name: str, value: Any, tp: Any, multi: bool = False) -> Any:
+    """Convert a YAML or command-line value to the field's type, or raise ConfigError naming the field.
+    `multi`: a str field holding a comma-separated list, which also accepts a list (joined with ',')."""
     inner, optional = _base_type(tp)
     if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null")):
         if optional:
@@ -472,10 +501,15 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             return _parse_bool(name, value)
         if typing.get_origin(inner) is list:
             (item,) = typing.get_args(inner)
-            items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
+            items = _list_items(value)
             if any(isinstance(v, (bool, list, dict)) for v in items):
                 raise ValueError
             return [item(v) for v in items]
+        if inner is str and multi and isinstance(value, (list, tuple)):
+            items = _list_items(value)
+            if not items or any(not isinstance(v, str) for v in items):
+                raise ValueError
+            return ",".join(items)
         if inner is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
@@ -518,17 +552,28 @@ def _check_types(cfg: TrainConfig) -> None:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One `--field VALUE` option per config field, defaults suppressed so only given ones override."""
+    """One `--field VALUE` option per config field, defaults suppressed so only given ones override.
+
+    As in HfArgumentParser: a bare boolean flag means true (`--use_peft`), list fields and the
+    comma-list fields take several values (`--lora_target_modules q_proj v_proj`), and the
+    `ALIASES` are extra spellings of the same option (listed in --help next to ours).
+    """
     hints = typing.get_type_hints(TrainConfig)
-    group = parser.add_argument_group("config fields (override the YAML file)")
+    aliases: dict[str, list[str]] = {}
+    for alias, name in ALIASES.items():
+        aliases.setdefault(name, []).append(f"--{alias}")
+    group = parser.add_argument_group("config fields (override the YAML file; HF/TRL aliases after a comma)")
     for f in dataclasses.fields(TrainConfig):
         inner, optional = _base_type(hints[f.name])
-        metavar = {bool: "true|false", int: "INT", float: "FLOAT", str: "STR"}.get(inner, "A,B,...")
+        is_list = typing.get_origin(inner) is list or f.metadata.get("multi", False)
+        metavar = "VALUE" if is_list else {bool: "true|false", int: "INT", float: "FLOAT", str: "STR"}[inner]
         if optional:
             metavar += "|none"
+        kw: dict[str, Any] = {"nargs": "?", "const": "true"} if inner is bool else {"nargs": "+"} if is_list else {}
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        group.add_argument(f"--{f.name}", dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
-                           help=f"{f.metadata['help']} (default: {default})".replace("%", "%%"))
+        group.add_argument(f"--{f.name}", *aliases.get(f.name, []), dest=f.name, default=argparse.SUPPRESS,
+                           metavar=metavar, help=f"{f.metadata['help']} (default: {default})".replace("%", "%%"),
+                           **kw)
     for old, new in DEPRECATED_FIELDS.items():
         group.add_argument(f"--{old}", dest=old, default=argparse.SUPPRESS, metavar="STR",
                            help=f"Deprecated alias of --{new}.")
@@ -537,14 +582,15 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(ns: argparse.Namespace, base: dict[str, Any] | None = None) -> TrainConfig:
     """Merge: dataclass defaults < `base` (e.g. a checkpoint's config) < --config YAML < command-line fields.
 
-    Deprecated names are renamed within each source before merging, so a newer source's value wins
-    whichever spelling either source used (an old checkpoint's `teacher_weights` < `--teacher_params`).
+    Deprecated names and aliases are renamed within each source before merging, so a newer source's
+    value wins whichever spelling either source used (an old checkpoint's `teacher_weights` <
+    `--teacher_params`, a YAML `model_name_or_path` < `--model`).
     """
-    values: dict[str, Any] = rename_deprecated(base or {})
+    values: dict[str, Any] = canonical_fields(base or {})
     if getattr(ns, "config", None):
-        values.update(rename_deprecated(read_yaml(ns.config)))
+        values.update(canonical_fields(read_yaml(ns.config)))
     names = {f.name for f in dataclasses.fields(TrainConfig)} | set(DEPRECATED_FIELDS)
-    values.update(rename_deprecated({k: v for k, v in vars(ns).items() if k in names}))
+    values.update(canonical_fields({k: v for k, v in vars(ns).items() if k in names}))
     return TrainConfig.from_dict(values)
 
 

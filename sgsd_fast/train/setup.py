@@ -49,8 +49,9 @@ def load_eval_problems(cfg: TrainConfig) -> list[Problem]:
         # One problem per computation: every eval problem is independent evidence.
         return generate_problems(cfg.num_eval_problems, seed=cfg.eval_seed, split="eval", levels=cfg.builtin_levels,
                                  distinct_keys=True)
+    config = cfg.eval_dataset_config or (cfg.dataset_config if cfg.eval_dataset == cfg.dataset else None)
     return load_problems(cfg.eval_dataset, problem_field=cfg.problem_field, answer_field=cfg.answer_field,
-                         split=cfg.eval_split, limit=cfg.num_eval_problems)
+                         split=cfg.eval_split, config=config, limit=cfg.num_eval_problems)
 
 
 def build_verifier(cfg: TrainConfig) -> Verifier:
