@@ -39,10 +39,22 @@ def _compile() -> None:
     sources = sorted(glob.glob(os.path.join(CSRC_DIR, "*.cpp")))
     if not sources:
         raise RuntimeError(f"no C++ sources in {CSRC_DIR}")
-    print("sgsd_fast: compiling the C++ CPU kernels once (about a minute; cached in torch's extension cache) ...",
-          file=sys.stderr, flush=True)
+    if not _cached_build_exists():
+        print("sgsd_fast: compiling the C++ CPU kernels once (minutes on a busy machine; cached in "
+              "torch's extension cache) ...", file=sys.stderr, flush=True)
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     load(JIT_NAME, sources, extra_cflags=["-O3", *openmp], extra_ldflags=openmp, verbose=False)
+
+
+def _cached_build_exists() -> bool:
+    """Whether torch's extension cache already holds a build (then `load` only checks and imports it).
+    Uses torch's private cache-path helper; if that ever moves, the message is simply always shown."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return os.path.isfile(os.path.join(_get_build_directory(JIT_NAME, verbose=False), f"{JIT_NAME}.so"))
+    except Exception:
+        return False
 
 
 @functools.lru_cache(maxsize=None)

@@ -32,6 +32,7 @@ def no_prebuilt(monkeypatch):
 def test_kernels_compile_once_on_first_use(no_prebuilt, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr("torch.utils.cpp_extension.load", lambda name, sources, **kw: calls.append((name, sources, kw)))
+    monkeypatch.setattr(_ext, "_cached_build_exists", lambda: False)
     assert _ext.load_extension() and _ext.load_extension()
     assert len(calls) == 1  # once per process; torch's cache makes later processes skip the build
     name, sources, kw = calls[0]
@@ -40,6 +41,13 @@ def test_kernels_compile_once_on_first_use(no_prebuilt, monkeypatch, capsys):
     assert all(Path(s).is_file() for s in sources)  # shipped inside the package, not beside it
     assert not any(flag.startswith("-std=") for flag in kw["extra_cflags"])  # torch picks the standard
     assert capsys.readouterr().err.count("compiling the C++ CPU kernels") == 1
+
+
+def test_a_cached_build_loads_without_the_compile_message(no_prebuilt, monkeypatch, capsys):
+    monkeypatch.setattr("torch.utils.cpp_extension.load", lambda *a, **kw: None)
+    monkeypatch.setattr(_ext, "_cached_build_exists", lambda: True)
+    assert _ext.load_extension()
+    assert "compiling" not in capsys.readouterr().err
 
 
 def test_without_a_compiler_auto_falls_back_to_the_reference(no_prebuilt, monkeypatch):
