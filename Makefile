@@ -10,7 +10,7 @@ STAMP := $(VENV)/.sgsd-installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
+$(STAMP): pyproject.toml setup.py $(wildcard sgsd_fast/csrc/*.cpp sgsd_fast/csrc/*.cu sgsd_fast/csrc/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"

@@ -1,7 +1,8 @@
 """Training configuration: one dataclass, YAML files and `--key value` command-line overrides.
 
-The conventions follow TRL's `TrlParser`: YAML keys are the dataclass field names, the command line
-overrides the YAML file, booleans are written `--flag true|false`, optional values accept `none`.
+The conventions follow TRL's `TrlParser`: YAML keys are the dataclass field names (or their Hugging
+Face / TRL aliases, `ALIASES`), the command line overrides the YAML file, booleans are written
+`--flag true|false` or as a bare `--flag`, list fields take several values, optional values accept `none`.
 Every field carries a help string (shown by `sgsd-fast train --help`), and the whole config is
 validated up front so that a bad value fails in a second with the field's name instead of an hour
 into a run. The defaults are the embedded CPU job (SmolLM2-135M-Instruct on the built-in task);
@@ -34,7 +35,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 RETRIEVAL_MODES = ("similarity", "random")
 ROLLOUT_ENGINES = ("hf", "vllm")
-REPORT_TO = ("auto", "none", "tensorboard")
+#: Trackers `report_to` can name, with the package each needs (sgsd_fast.train.trackers implements them).
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
+REPORT_TO = ("auto", "none", *TRACKER_PACKAGES)
 ANSWER_FORMATS = ("boxed", "answer_is")  # keys of sgsd_fast.prompts.ANSWER_FORMATS
 # Names the layers above define; config sits below them, so it keeps copies (a test keeps them in step).
 ENCODERS = ("tfidf", "policy", "sentence-transformers", "st")  # what sgsd_fast.skills.make_encoder accepts
@@ -46,6 +49,22 @@ VLLM_MODES = ("colocate", "server")
 
 #: Old field names still read from YAML files, checkpoints and the command line (with a FutureWarning).
 DEPRECATED_FIELDS = {"teacher_weights": "teacher_params"}
+
+#: The Hugging Face TrainingArguments / TRL names users type by habit, accepted everywhere a field
+#: name is (YAML keys, `--flags`) as spellings of ours, silently: both are current names. Only
+#: names whose meaning matches ours exactly are listed (TRL's per_device_train_batch_size counts
+#: prompts per device, not our rollouts per micro-batch, so it is not an alias).
+ALIASES = {
+    "model_name_or_path": "model",
+    "torch_dtype": "dtype",
+    "use_liger_kernel": "liger",
+    "dataset_name": "dataset",
+    "dataset_train_split": "dataset_split",
+    "dataset_test_split": "eval_split",
+    "max_completion_length": "max_new_tokens",
+    "save_steps": "save_every",
+    "eval_steps": "eval_every",
+}
 
 
 class ConfigError(ValueError):
@@ -79,17 +98,27 @@ class TrainConfig:
     lora_r: int = _f(16, "LoRA rank (with use_peft).")
     lora_alpha: int = _f(32, "LoRA alpha (with use_peft).")
     lora_dropout: float = _f(0.0, "LoRA dropout (with use_peft). Keep 0 so one student pass serves all teachers exactly.")
-    lora_target_modules: str = _f("all-linear", "Comma-separated module names for LoRA, or 'all-linear'.")
+    lora_target_modules: str = _f("all-linear", "Module names for LoRA (several: `--lora_target_modules q_proj "
+                                  "v_proj`, comma-separated, or a YAML list), or 'all-linear'.", multi=True)
+    load_in_4bit: bool = _f(False, "QLoRA: load the frozen base in 4 bits with bitsandbytes (NF4, double "
+                            "quantization, bf16 compute on CUDA / fp32 on CPU) and train the LoRA adapter on top; "
+                            "the lm_head stays unquantized for the fused ops. Needs use_peft.")
+    load_in_8bit: bool = _f(False, "Load the frozen base in 8 bits with bitsandbytes (LLM.int8) under the LoRA "
+                            "adapter, lm_head unquantized. Needs use_peft; excludes load_in_4bit.")
 
     # ---- data --------------------------------------------------------------------------------
     dataset: str = _f("builtin", "Training problems: 'builtin' (the generated arithmetic task), a JSONL/parquet "
                       "file, or a Hugging Face dataset (local or already cached).")
     problem_field: str = _f("problem", "Column holding the problem text (file/HF datasets).")
     answer_field: str = _f("answer", "Column holding the reference answer (file/HF datasets).")
+    dataset_config: str | None = _f(None, "Configuration name of a Hugging Face `dataset` (e.g. 'main' for "
+                                    "openai/gsm8k).")
     dataset_split: str = _f("train", "Split to read from a Hugging Face dataset.")
     dataset_limit: int | None = _f(None, "Use at most this many training problems from `dataset`.")
     eval_dataset: str = _f("builtin", "Held-out problems: 'builtin' (disjoint from the built-in training split) "
                            "or a file/HF dataset, same formats as `dataset`.")
+    eval_dataset_config: str | None = _f(None, "Configuration name of a Hugging Face `eval_dataset` (none = "
+                                         "dataset_config when eval_dataset is the same dataset).")
     eval_split: str = _f("test", "Split to read from a Hugging Face `eval_dataset`.")
     builtin_levels: list[int] = _f([1], "Difficulty levels of the built-in task (train and eval); level 1 is the "
                                    "one a 135M model solves part of the time.")
@@ -171,7 +200,8 @@ class TrainConfig:
                          "benchmarks/results/learning.md, and still under 15 minutes on 2 cores).")
     learning_rate: float = _f(1e-4, "Peak learning rate (1e-4 for LoRA r=16 on the embedded job; the paper: 5e-6 "
                               "for LoRA r=64 on Qwen3-1.7B).")
-    optim: str = _f("auto", f"Optimizer, one of {OPTIMIZERS}; 'auto' = paged_adamw_8bit on CUDA, adamw_8bit on CPU.")
+    optim: str = _f("auto", f"Optimizer, one of {OPTIMIZERS}; 'auto' = paged_adamw_8bit on CUDA, adamw_8bit on CPU "
+                    "(adamw_torch where bitsandbytes is not installed).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
@@ -231,7 +261,10 @@ class TrainConfig:
     output_dir: str | None = _f(None, "Run directory (none = runs/<timestamp>).")
     save_every: int = _f(10, "Checkpoint every N steps (0 = only at the end and on Ctrl-C).")
     save_total_limit: int | None = _f(2, "Keep at most this many checkpoints (none = all).")
-    report_to: str = _f("auto", f"Extra metric sinks, one of {REPORT_TO}; 'auto' = TensorBoard when installed.")
+    report_to: str = _f("auto", f"Experiment trackers besides metrics.jsonl: one or several (comma- or "
+                        f"space-separated) of {tuple(TRACKER_PACKAGES)}, or 'none', or 'auto' (= TensorBoard when "
+                        "installed). Each gets the config, every metrics row, the eval results and the curves PNG; "
+                        "WANDB_MODE=offline runs wandb without a network.", multi=True)
     progress: bool = _f(True, "Show a progress bar.")
     log_completions: int = _f(1, "Completions per step written to completions.jsonl (0 = none).")
 
@@ -261,11 +294,15 @@ class TrainConfig:
         for name, choices in (("method", METHODS), ("answer_format", ANSWER_FORMATS), ("sgsd_outcome", SGSD_OUTCOMES),
                               ("teacher_params", TEACHER_PARAMS), ("optim", OPTIMIZERS),
                               ("lr_scheduler_type", SCHEDULERS), ("dtype", DTYPES), ("device", DEVICES),
-                              ("retrieval", RETRIEVAL_MODES), ("report_to", REPORT_TO),
+                              ("retrieval", RETRIEVAL_MODES),
                               ("rollout_engine", ROLLOUT_ENGINES), ("encoder", ENCODERS)):
             need(getattr(self, name) in choices, name, f"one of {choices}")
-        need(self.report_to != "tensorboard" or importlib.util.find_spec("tensorboard") is not None, "report_to",
-             "'auto' or 'none' ('tensorboard' needs the tensorboard package: pip install tensorboard)")
+        names = _split_names(self.report_to)
+        need(bool(names) and all(n in REPORT_TO for n in names), "report_to",
+             f"one or several of {REPORT_TO}")
+        need(len(names) == 1 or not {"auto", "none"} & set(names), "report_to", "'auto' or 'none' alone")
+        for name in names:
+            need(missing_tracker(name) is None, "report_to", f"installed trackers only ({missing_tracker(name)})")
         for name in ("prompts_per_step", "num_generations", "max_new_tokens", "generation_batch_size", "num_teachers",
                      "teacher_micro_batch_size", "max_steps", "micro_batch_size", "lora_r", "lora_alpha",
                      "num_train_problems", "num_eval_problems", "verifier_workers", "online_max_new", "online_cap",
@@ -311,6 +348,12 @@ class TrainConfig:
              f"a non-empty list of distinct levels from {list(TASK_LEVELS)}")
         need(self.encoder not in ("sentence-transformers", "st") or self.encoder_model is not None, "encoder_model",
              "a model path or cached id when encoder='sentence-transformers'")
+        for name in ("load_in_4bit", "load_in_8bit"):
+            need(not getattr(self, name) or self.use_peft, name,
+                 "false unless use_peft is true (quantized base weights are frozen: QLoRA trains a LoRA adapter)")
+            need(not getattr(self, name) or importlib.util.find_spec("bitsandbytes") is not None, name,
+                 "false: bitsandbytes is not installed (pip install bitsandbytes)")
+        need(not (self.load_in_4bit and self.load_in_8bit), "load_in_8bit", "false when load_in_4bit is true")
         need(self.lora_target_modules.strip() != "", "lora_target_modules", "'all-linear' or module names")
         for name in ("dataset", "eval_dataset"):
             value = getattr(self, name)
@@ -331,8 +374,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         """Build from a mapping (e.g. parsed YAML); unknown keys are an error that suggests the closest field.
-        Deprecated field names (`DEPRECATED_FIELDS`) are renamed, with a FutureWarning."""
-        values = rename_deprecated(values)
+        Deprecated field names (`DEPRECATED_FIELDS`) are renamed, with a FutureWarning, and `ALIASES` silently."""
+        values = canonical_fields(values)
         names = [f.name for f in dataclasses.fields(cls)]
         for key in values:
             if key not in names:
@@ -344,6 +387,38 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> TrainConfig:
         return cls.from_dict(read_yaml(path))
+
+
+def canonical_fields(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with deprecated names (FutureWarning) and `ALIASES` replaced by our field names;
+    a field given under two spellings is a ConfigError naming both."""
+    out = rename_deprecated(values)
+    for alias, name in ALIASES.items():
+        if alias in out:
+            if name in out:
+                raise ConfigError(f"config fields {alias!r} and {name!r} are the same field; give only one")
+            out[name] = out.pop(alias)
+    return out
+
+
+def _split_names(value: str) -> list[str]:
+    return [n for n in value.replace(",", " ").split() if n]
+
+
+def missing_tracker(name: str) -> str | None:
+    """How to install tracker `name` when its package is missing (None when it is there or no package)."""
+    package = TRACKER_PACKAGES.get(name)
+    if package is None or importlib.util.find_spec(package) is not None:
+        return None
+    return f"{name!r} needs the {package} package: pip install {package}, or pip install 'sgsd-fast[trackers]'"
+
+
+def report_to_names(report_to: str) -> tuple[str, ...]:
+    """The trackers a validated `report_to` value starts: 'auto' = TensorBoard when installed, 'none' = none."""
+    names = _split_names(report_to)
+    if names == ["auto"]:
+        return ("tensorboard",) if importlib.util.find_spec("tensorboard") is not None else ()
+    return tuple(n for n in names if n != "none")
 
 
 def rename_deprecated(values: dict[str, Any]) -> dict[str, Any]:
@@ -404,9 +479,12 @@ def _field_types() -> dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
 
 
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
 def coerce_field(name: str, value: Any) -> Any:
     """A YAML or command-line value converted to the type of config field `name` (ConfigError naming it)."""
-    return _coerce(name, value, _field_types()[name])
+    return _coerce(name, value, _field_types()[name], _FIELDS[name].metadata.get("multi", False))
 
 
 def _looks_like_file(value: str) -> bool:
@@ -432,8 +510,17 @@ def _parse_bool(name: str, value: Any) -> bool:
     raise ConfigError(f"config field {name!r}: expected true or false, got {value!r}")
 
 
-def _coerce(name: str, value: Any, tp: Any) -> Any:
-    """Convert a YAML or command-line value to the field's type, or raise ConfigError naming the field."""
+def _list_items(value: Any) -> list[Any]:
+    """A YAML list, a command-line `nargs='+'` list or a comma-separated string as its items."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    parts = [part for v in values for part in (v.split(",") if isinstance(v, str) else [v])]
+    return [part.strip() if isinstance(part, str) else part for part in parts
+            if not isinstance(part, str) or part.strip()]
+
+
+def _coerce(name: str, value: Any, tp: Any, multi: bool = False) -> Any:
+    """Convert a YAML or command-line value to the field's type, or raise ConfigError naming the field.
+    `multi`: a str field holding a comma-separated list, which also accepts a list (joined with ',')."""
     inner, optional = _base_type(tp)
     if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null")):
         if optional:
@@ -444,10 +531,15 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             return _parse_bool(name, value)
         if typing.get_origin(inner) is list:
             (item,) = typing.get_args(inner)
-            items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
+            items = _list_items(value)
             if any(isinstance(v, (bool, list, dict)) for v in items):
                 raise ValueError
             return [item(v) for v in items]
+        if inner is str and multi and isinstance(value, (list, tuple)):
+            items = _list_items(value)
+            if not items or any(not isinstance(v, str) for v in items):
+                raise ValueError
+            return ",".join(items)
         if inner is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
@@ -490,17 +582,28 @@ def _check_types(cfg: TrainConfig) -> None:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One `--field VALUE` option per config field, defaults suppressed so only given ones override."""
+    """One `--field VALUE` option per config field, defaults suppressed so only given ones override.
+
+    As in HfArgumentParser: a bare boolean flag means true (`--use_peft`), list fields and the
+    comma-list fields take several values (`--lora_target_modules q_proj v_proj`), and the
+    `ALIASES` are extra spellings of the same option (listed in --help next to ours).
+    """
     hints = typing.get_type_hints(TrainConfig)
-    group = parser.add_argument_group("config fields (override the YAML file)")
+    aliases: dict[str, list[str]] = {}
+    for alias, name in ALIASES.items():
+        aliases.setdefault(name, []).append(f"--{alias}")
+    group = parser.add_argument_group("config fields (override the YAML file; HF/TRL aliases after a comma)")
     for f in dataclasses.fields(TrainConfig):
         inner, optional = _base_type(hints[f.name])
-        metavar = {bool: "true|false", int: "INT", float: "FLOAT", str: "STR"}.get(inner, "A,B,...")
+        is_list = typing.get_origin(inner) is list or f.metadata.get("multi", False)
+        metavar = "VALUE" if is_list else {bool: "true|false", int: "INT", float: "FLOAT", str: "STR"}[inner]
         if optional:
             metavar += "|none"
+        kw: dict[str, Any] = {"nargs": "?", "const": "true"} if inner is bool else {"nargs": "+"} if is_list else {}
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        group.add_argument(f"--{f.name}", dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
-                           help=f"{f.metadata['help']} (default: {default})".replace("%", "%%"))
+        group.add_argument(f"--{f.name}", *aliases.get(f.name, []), dest=f.name, default=argparse.SUPPRESS,
+                           metavar=metavar, help=f"{f.metadata['help']} (default: {default})".replace("%", "%%"),
+                           **kw)
     for old, new in DEPRECATED_FIELDS.items():
         group.add_argument(f"--{old}", dest=old, default=argparse.SUPPRESS, metavar="STR",
                            help=f"Deprecated alias of --{new}.")
@@ -509,14 +612,15 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(ns: argparse.Namespace, base: dict[str, Any] | None = None) -> TrainConfig:
     """Merge: dataclass defaults < `base` (e.g. a checkpoint's config) < --config YAML < command-line fields.
 
-    Deprecated names are renamed within each source before merging, so a newer source's value wins
-    whichever spelling either source used (an old checkpoint's `teacher_weights` < `--teacher_params`).
+    Deprecated names and aliases are renamed within each source before merging, so a newer source's
+    value wins whichever spelling either source used (an old checkpoint's `teacher_weights` <
+    `--teacher_params`, a YAML `model_name_or_path` < `--model`).
     """
-    values: dict[str, Any] = rename_deprecated(base or {})
+    values: dict[str, Any] = canonical_fields(base or {})
     if getattr(ns, "config", None):
-        values.update(rename_deprecated(read_yaml(ns.config)))
+        values.update(canonical_fields(read_yaml(ns.config)))
     names = {f.name for f in dataclasses.fields(TrainConfig)} | set(DEPRECATED_FIELDS)
-    values.update(rename_deprecated({k: v for k, v in vars(ns).items() if k in names}))
+    values.update(canonical_fields({k: v for k, v in vars(ns).items() if k in names}))
     return TrainConfig.from_dict(values)
 
 

@@ -11,9 +11,12 @@ tokenizer entirely in code, so fast tests never touch the network or the real ch
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
+import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +33,7 @@ __all__ = [
     "lm_head_weight",
     "load_model_and_tokenizer",
     "resolve_model_source",
+    "savable",
     "tiny_random_model",
     "tiny_tokenizer",
 ]
@@ -211,6 +215,27 @@ def _enable_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def _quantization_config(load_in_4bit: bool, load_in_8bit: bool, compute_dtype: torch.dtype) -> Any:
+    """The bitsandbytes config of a QLoRA base (None for a plain one).
+
+    4-bit is the QLoRA recipe: NF4 with double quantization, matmuls in `compute_dtype` (bf16 on
+    CUDA, fp32 on CPU). The lm_head is never quantized: the fused log-prob kernels read its weight
+    as one plain [V, H] matrix (it is also the tied embedding for SmolLM2-like models).
+    """
+    if load_in_4bit and load_in_8bit:
+        raise ValueError("load_in_4bit and load_in_8bit exclude each other; choose one")
+    if not (load_in_4bit or load_in_8bit):
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModuleNotFoundError("load_in_4bit / load_in_8bit need bitsandbytes: `pip install bitsandbytes`")
+    from transformers import BitsAndBytesConfig
+
+    if load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head"])
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=["lm_head"])
+
+
 def load_model_and_tokenizer(
     model: str = "smollm2",
     *,
@@ -221,6 +246,8 @@ def load_model_and_tokenizer(
     gradient_checkpointing: bool = False,
     lora: LoraSettings | dict | Any | None = None,
     liger: bool | Literal["auto"] = False,
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
     local_files_only: bool = False,
     trust_remote_code: bool = False,
 ) -> tuple[nn.Module, Any]:
@@ -239,6 +266,9 @@ def load_model_and_tokenizer(
         lora: wrap the model with a peft LoRA adapter (`LoraSettings`, a dict of its fields or a
             `peft.LoraConfig`); None trains all weights.
         liger: patch RMSNorm/RoPE/SwiGLU with Liger kernels (``"auto"``: on CUDA when installed).
+        load_in_4bit, load_in_8bit: quantize the frozen base with bitsandbytes (QLoRA: NF4, double
+            quantization; or LLM.int8), lm_head excluded; needs `lora`, since quantized weights
+            cannot be trained. The base is prepared with peft's `prepare_model_for_kbit_training`.
         local_files_only: never contact the Hub (offline use).
         trust_remote_code: forwarded to transformers.
 
@@ -256,13 +286,32 @@ def load_model_and_tokenizer(
     attn = _resolve_attn(attn_implementation, torch_device)
     use_liger = _resolve_liger(liger, torch_device)
     peft_config = None if lora is None else _to_peft_config(lora)
+    quantization = _quantization_config(load_in_4bit, load_in_8bit, torch_dtype)
+    if quantization is not None and peft_config is None:
+        raise ValueError("load_in_4bit / load_in_8bit need a LoRA adapter (lora=...): quantized weights are frozen")
 
     common: dict[str, Any] = {"local_files_only": local_files_only, "trust_remote_code": trust_remote_code}
     if gguf is not None:
         common["gguf_file"] = gguf
     tokenizer = AutoTokenizer.from_pretrained(source, **common)
-    lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn, **common)
-    lm.to(torch_device)
+    if quantization is None:
+        lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn, **common)
+        lm.to(torch_device)
+    elif gguf is None:  # quantized weights are placed while loading (bitsandbytes models refuse .to())
+        lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn,
+                                                  quantization_config=quantization,
+                                                  device_map={"": torch_device}, **common)
+    else:
+        # transformers cannot quantize while it reads a GGUF file: dequantize it once into a
+        # temporary plain folder (a second copy on disk for the load's duration) and quantize that.
+        with tempfile.TemporaryDirectory(prefix="sgsd-gguf-") as plain_dir:
+            plain = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **common)
+            with savable(plain):
+                plain.save_pretrained(plain_dir)
+            del plain
+            lm = AutoModelForCausalLM.from_pretrained(plain_dir, dtype=torch_dtype, attn_implementation=attn,
+                                                      quantization_config=quantization,
+                                                      device_map={"": torch_device}, local_files_only=True)
 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -272,6 +321,12 @@ def load_model_and_tokenizer(
 
     if use_liger:
         _apply_liger(lm, strict=liger is True)
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # Freezes the base, casts its non-quantized parameters (norms, embeddings, lm_head) to
+        # fp32 and makes the inputs require grad, so LoRA gradients reach through frozen layers.
+        lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
     if gradient_checkpointing:
         _enable_checkpointing(lm)
     if peft_config is not None:
@@ -303,6 +358,32 @@ def apply_lora(model: nn.Module, lora: LoraSettings | dict | Any, *, gradient_ch
         # graph through them to reach the LoRA weights.
         model.enable_input_require_grads()
     return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def savable(model: nn.Module) -> Iterator[None]:
+    """Let `save_pretrained` write a model loaded from a GGUF file.
+
+    transformers dequantizes GGUF weights on load (the tensors in memory are plain fp32/bf16) yet
+    keeps the GGUF quantizer attached, which makes `save_pretrained` refuse. The weights being
+    ordinary, the quantizer (and its config entry) is detached while saving, so the folder is a
+    normal checkpoint that `from_pretrained` loads without the GGUF file.
+    """
+    base = model.get_base_model() if is_peft_model(model) else model
+    quantizer = getattr(base, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is None or getattr(method, "value", method) != "gguf":
+        yield
+        return
+    config = base.config
+    quant_config = config.quantization_config
+    base.hf_quantizer = None
+    del config.quantization_config  # or the saved config.json would ask for a GGUF file again
+    try:
+        yield
+    finally:
+        base.hf_quantizer = quantizer
+        config.quantization_config = quant_config
 
 
 def is_peft_model(model: nn.Module) -> bool:

@@ -46,7 +46,7 @@ def ops_fingerprint() -> str:
     import sgsd_fast
 
     root = Path(sgsd_fast.__file__).parent
-    files = sorted(root.glob("ops/**/*.py")) + sorted(root.parent.glob("csrc/*"))
+    files = sorted(root.glob("ops/**/*.py")) + sorted(root.glob("csrc/*"))
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.name.encode() + f.read_bytes())

@@ -14,6 +14,7 @@ COMMANDS = {
     "train": ("sgsd_fast.commands.train",
               "Train with SGSD / OPSD / sampled-token RKL / GRPO (default: embedded SmolLM2 job)."),
     "eval": ("sgsd_fast.commands.eval", "Evaluate a model or checkpoint on held-out problems."),
+    "export": ("sgsd_fast.commands.export", "Write a checkpoint as an adapter or a merged Hugging Face model."),
     "compare": ("sgsd_fast.commands.compare", "Train several methods at equal budget; paired accuracy table."),
     "skills": ("sgsd_fast.commands.skills", "Build, inspect, import/export and diff skill banks."),
     "bench": ("sgsd_fast.commands.bench", "Run a benchmark preset: fused kernels vs naive vs peers."),

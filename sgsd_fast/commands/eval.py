@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from sgsd_fast.commands.errors import DEBUG_HELP, run_command, split_debug
-from sgsd_fast.config import ConfigError, add_config_arguments, config_from_args
+from sgsd_fast.config import add_config_arguments, config_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,20 +37,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _evaluate(ns: argparse.Namespace) -> int:
-    from sgsd_fast.train.checkpoint import checkpoint_problem, load_model_weights, read_checkpoint_config
+    from sgsd_fast.train.checkpoint import load_model_weights, read_weights_checkpoint
     from sgsd_fast.train.evaluate import evaluate, write_records
     from sgsd_fast.train.setup import build_model, build_verifier, load_eval_problems
 
-    base = None
-    if ns.checkpoint:
-        ckpt = Path(ns.checkpoint)
-        if not (ckpt / "model").is_dir() or not (ckpt / "config.yaml").is_file():
-            raise ConfigError(f"--checkpoint: {str(ckpt)!r} is not a checkpoint folder "
-                              f"(expected model/ and config.yaml inside)")
-        problem = checkpoint_problem(ckpt, weights_only=True)
-        if problem is not None:
-            raise ValueError(f"--checkpoint: {str(ckpt)!r} is unusable: {problem}")
-        base = read_checkpoint_config(ckpt)
+    base = read_weights_checkpoint(ns.checkpoint) if ns.checkpoint else None
     if hasattr(ns, "max_new_tokens") and not hasattr(ns, "eval_max_new_tokens"):
         ns.eval_max_new_tokens = None  # here --max_new_tokens means the evaluation length
     cfg = config_from_args(ns, base)

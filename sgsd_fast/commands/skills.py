@@ -14,10 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from sgsd_fast.commands.errors import DEBUG_HELP, run_command, split_debug
+from sgsd_fast.config import coerce_field
 from sgsd_fast.skills.items import FIELDS, SkillItem
 from sgsd_fast.skills.store import SkillBank, kind_counts, remove_bank_files
 
 _PROG = "sgsd-fast skills"
+
+
+def _spellings(name: str) -> tuple[str, str]:
+    """`--name` as the other commands spell it, and the dashed `--na-me` this command used first."""
+    return f"--{name}", f"--{name.replace('_', '-')}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,24 +34,36 @@ def _parser() -> argparse.ArgumentParser:
     build = sub.add_parser("build", help="cold start: attempt problems, verify, extract notes, merge (resumable)",
                            description="Build a static bank from the model's own verified attempts (SPEC §4). "
                            "Interrupted builds resume when rerun with the same --out and --data.")
-    build.add_argument("--model", default="smollm2", help="model for attempts and extraction (default: smollm2)")
-    build.add_argument("--data", default="builtin:256",
+    # The same spellings as `sgsd-fast train` (underscores; the older dashed ones still work).
+    build.add_argument("--model", "--model_name_or_path", default="smollm2",
+                       help="model for attempts and extraction (default: smollm2)")
+    build.add_argument("--data", "--dataset", default="builtin:256",
                        help="problems: builtin:N (the built-in task) or a JSONL/parquet/HF dataset source")
-    build.add_argument("--split", default="train", help="split of --data to use (default: train)")
-    build.add_argument("--limit", type=int, default=None, help="use at most this many problems of a dataset source")
+    build.add_argument("--split", "--dataset_split", default="train", help="split of --data to use (default: train)")
+    build.add_argument("--dataset_config", default=None, help="configuration name of a Hub dataset (e.g. 'main')")
+    build.add_argument("--problem_field", default="problem",
+                       help="dotted path of the problem text in each row (default: problem)")
+    build.add_argument("--answer_field", default="answer",
+                       help="dotted path of the reference answer in each row (default: answer)")
+    build.add_argument("--limit", "--dataset_limit", type=int, default=None,
+                       help="use at most this many problems of a dataset source")
     build.add_argument("--out", required=True, help="bank file to create (or to resume)")
     build.add_argument("--seed", type=int, default=0, help="problem-generation and sampling seed")
-    build.add_argument("--answer-phrase", action="store_true",
+    build.add_argument(*_spellings("answer_phrase"), nargs="?", const=True, default=False,
+                       type=lambda v: coerce_field("answer_phrase", v), metavar="true|false",
                        help="also accept an 'answer is ...' phrase as the stated answer (for small models that "
-                            "never write \\boxed{}; SPEC §5 is strict without it)")
-    build.add_argument("--max-new-tokens", type=int, default=512, help="attempt length (sampled, temperature 1.0)")
-    build.add_argument("--extract-max-new-tokens", type=int, default=384, help="extraction reply length (greedy)")
-    build.add_argument("--merge-max-new-tokens", type=int, default=1024, help="merge reply length (greedy)")
-    build.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
-    build.add_argument("--group-size", type=int, default=32, help="notes per merge call")
+                            "never write \\boxed{}; SPEC §5 is strict without it); a bare flag means true")
+    build.add_argument(*_spellings("max_new_tokens"), type=int, default=512,
+                       help="attempt length (sampled, temperature 1.0)")
+    build.add_argument(*_spellings("extract_max_new_tokens"), type=int, default=384,
+                       help="extraction reply length (greedy)")
+    build.add_argument(*_spellings("merge_max_new_tokens"), type=int, default=1024,
+                       help="merge reply length (greedy)")
+    build.add_argument(*_spellings("batch_size"), type=int, default=16, help="prompts generated together")
+    build.add_argument(*_spellings("group_size"), type=int, default=32, help="notes per merge call")
     build.add_argument("--device", default="auto", help="model device (default: auto)")
-    build.add_argument("--dtype", default="auto", help="model dtype (default: auto)")
-    build.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    build.add_argument("--dtype", "--torch_dtype", default="auto", help="model dtype (default: auto)")
+    build.add_argument(*_spellings("no_progress"), action="store_true", help="hide progress bars")
 
     show = sub.add_parser("show", help="print the items of a bank")
     show.add_argument("bank", help="bank file")
@@ -152,8 +170,12 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_build_problems(data: str, *, seed: int = 0, split: str = "train", limit: int | None = None) -> list[Any]:
-    """Problems for `build --data`: ``builtin:N`` is the built-in task, anything else a dataset source."""
+def load_build_problems(data: str, *, seed: int = 0, split: str = "train", limit: int | None = None,
+                        problem_field: str = "problem", answer_field: str = "answer",
+                        config: str | None = None) -> list[Any]:
+    """Problems for `build --data`: ``builtin:N`` is the built-in task, anything else a dataset source
+    read with the given fields (a DAPO-style parquet: ``--problem_field prompt
+    --answer_field reward_model.ground_truth``)."""
     from sgsd_fast.data import generate_problems, load_problems
 
     if data.startswith("builtin:"):
@@ -161,7 +183,8 @@ def load_build_problems(data: str, *, seed: int = 0, split: str = "train", limit
         if not count.isdigit() or int(count) < 1:
             raise ValueError(f"--data builtin:N needs a positive integer N, got {data!r}")
         return generate_problems(int(count), seed=seed, split=split)
-    return load_problems(data, split=split, limit=limit)
+    return load_problems(data, split=split, limit=limit, problem_field=problem_field, answer_field=answer_field,
+                         config=config)
 
 
 def model_callables(model: Any, tokenizer: Any, *, max_new_tokens: int, extract_max_new_tokens: int,
@@ -204,7 +227,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from sgsd_fast.skills import build_bank
     from sgsd_fast.verify import Verifier
 
-    problems = load_build_problems(args.data, seed=args.seed, split=args.split, limit=args.limit)
+    problems = load_build_problems(args.data, seed=args.seed, split=args.split, limit=args.limit,
+                                   problem_field=args.problem_field, answer_field=args.answer_field,
+                                   config=args.dataset_config)
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
     model.eval()
     fns = model_callables(

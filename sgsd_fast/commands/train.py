@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "With no arguments: SmolLM2-135M-Instruct on the built-in arithmetic task, on CPU.",
         epilog=DEBUG_HELP)
     parser.add_argument("--config", metavar="FILE", help="YAML file of config fields.")
-    parser.add_argument("--resume", metavar="PATH|auto",
+    parser.add_argument("--resume", "--resume_from_checkpoint", metavar="PATH|auto",
                         help="Continue from a checkpoint folder, a run folder (its latest checkpoint), or 'auto' "
                              "(latest checkpoint of --output_dir, else of the newest run under runs/).")
     add_config_arguments(parser)

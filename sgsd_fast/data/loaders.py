@@ -118,7 +118,7 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
     return pq.read_table(path).to_pylist()
 
 
-def _read_hf(source: str, split: str) -> Iterable[Mapping[str, Any]]:
+def _read_hf(source: str, split: str, config: str | None = None) -> Iterable[Mapping[str, Any]]:
     path = Path(source)
     if importlib.util.find_spec("datasets") is None:
         # A local path is far more often a mistyped file name than a dataset folder.
@@ -137,7 +137,7 @@ def _read_hf(source: str, split: str) -> Iterable[Mapping[str, Any]]:
                 raise ValueError(f"{source}: no split {split!r} (available: {sorted(loaded)})")
             loaded = loaded[split]
         return loaded
-    return datasets.load_dataset(source, split=split)
+    return datasets.load_dataset(source, config, split=split)
 
 
 def load_problems(
@@ -146,6 +146,7 @@ def load_problems(
     problem_field: str = "problem",
     answer_field: str = "answer",
     split: str = "train",
+    config: str | None = None,
     limit: int | None = None,
     id_field: str | None = None,
     seed: int = 0,
@@ -162,6 +163,7 @@ def load_problems(
         problem_field: dotted path to the problem (a string or a list of chat messages).
         answer_field: dotted path to the ground-truth answer (string or number).
         split: dataset split.
+        config: configuration name of a Hub dataset (``"main"`` for ``openai/gsm8k``).
         limit: keep at most this many problems (the first ones, in source order).
         id_field: dotted path to a stable id; default ``"<file name>-<row>"``.
 
@@ -192,4 +194,4 @@ def load_problems(
             raise FileNotFoundError(f"problem file not found: {source}")
         records = _read_json(path) if path.suffix in _JSON_SUFFIXES else _read_parquet(path)
         return _records_to_problems(records, source=source, **fields)
-    return _records_to_problems(_read_hf(source, split), source=source, **fields)
+    return _records_to_problems(_read_hf(source, split, config), source=source, **fields)

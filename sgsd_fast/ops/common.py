@@ -172,7 +172,7 @@ def check_backend(backend: str) -> None:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """'auto' -> triton on CUDA, the C++ extension on CPU."""
+    """'auto' -> triton on CUDA, the C++ extension on CPU (the reference ops when it cannot be built)."""
     check_backend(backend)
     if backend != "auto":
         if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -180,7 +180,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if backend == "cpu" and device.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
         return backend
-    return "triton" if device.type == "cuda" else "cpu"
+    if device.type == "cuda":
+        return "triton"
+    from sgsd_fast._ext import load_extension
+
+    return "cpu" if load_extension() else "reference"
 
 
 # ---- lazy value checks --------------------------------------------------------------------------

@@ -19,7 +19,7 @@ then one sweep that turns the accumulated dL/ds into dL/dz and two GEMMs for dX 
 N x V is allocated. The gradient sweep relies on the log-softmax chain rule
 dL/dz_i = dL/ds_i - Q_i sum_j dL/ds_j (s = log Q): with s treated as free, every divergence kind,
 teacher and clipped entry contributes an elementwise term, so no extra pass is needed for the JSD
-or for clipping (see csrc/linear_divergence.cpp).
+or for clipping (see sgsd_fast/csrc/linear_divergence.cpp).
 
 For reductions "mean" and "sum" the gradient is computed during the forward (the loss is
 terminal; backward only scales it by grad_output, no host sync). For "none" the backward
@@ -299,11 +299,11 @@ def _row_ops(backend: str):
         from sgsd_fast.ops.triton import divergence
 
         return divergence
-    from sgsd_fast._ext import load_extension
+    from sgsd_fast._ext import require_extension
 
-    load_extension()
+    require_extension()
     if not hasattr(torch.ops.sgsd_fast, "linear_divergence_accumulate"):
-        raise RuntimeError("the built sgsd_fast._C predates csrc/linear_divergence.cpp; rebuild it with "
+        raise RuntimeError("the built sgsd_fast._C predates sgsd_fast/csrc/linear_divergence.cpp; rebuild it with "
                            "`pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`)")
     return _CppRowOps
 

@@ -66,9 +66,9 @@ def _triton_chunk_rows(vocab: int, weight_dtype: torch.dtype, budget: int) -> in
 def _forward_rows(hidden, weight, targets, temperature, with_entropy, backend, budget):
     """(logp, lse, entropy or None) of compacted rows, in the math dtype."""
     if backend == "cpu":
-        from sgsd_fast._ext import load_extension
+        from sgsd_fast._ext import require_extension
 
-        load_extension()
+        require_extension()
         rows, tile = _cpu_blocks(weight.shape[0], hidden.dtype, budget)
         logp, lse, ent = torch.ops.sgsd_fast.linear_logprobs_fwd(
             hidden, weight, targets, float(temperature), with_entropy, rows, tile)

@@ -27,7 +27,6 @@ the SQLite header), `--resume auto` falls back to the newest checkpoint that pas
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -36,7 +35,7 @@ import shutil
 import sqlite3
 import struct
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,7 @@ import torch
 from torch import nn
 
 from sgsd_fast.config import ConfigError, TrainConfig, coerce_field, read_yaml, rename_deprecated
-from sgsd_fast.models import is_peft_model
+from sgsd_fast.models import is_peft_model, savable
 
 _CKPT = re.compile(r"checkpoint-(\d+)")
 # Temporary folders of a save in progress: .checkpoint-<step>.tmp-<pid> (being written) and
@@ -63,7 +62,7 @@ def rank_rng_file(rank: int) -> str:
 # Fields a checkpoint's contents depend on: resuming with another value would fail on load
 # (optimizer state, weight shapes) or silently continue a different run (objective, teacher).
 RESUME_LOCKED = ("model", "gguf_file", "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
-                 "method", "optim", "teacher_params")
+                 "load_in_4bit", "load_in_8bit", "method", "optim", "teacher_params")
 # Fields that only say how the run is executed, stored or reported: free to change on resume.
 # Any other changed field is allowed but reported, since the continued run then differs from an
 # uninterrupted one.
@@ -105,32 +104,6 @@ def copy_sqlite(src: Path, dst: Path) -> None:
     finally:
         target.close()
         source.close()
-
-
-@contextlib.contextmanager
-def _savable(model: nn.Module) -> Iterator[None]:
-    """Let `save_pretrained` write a model loaded from a GGUF file.
-
-    transformers dequantizes GGUF weights on load (the tensors in memory are plain fp32/bf16) yet
-    keeps the GGUF quantizer attached, which makes `save_pretrained` refuse. The weights being
-    ordinary, the quantizer (and its config entry) is detached while saving, so the folder is a
-    normal checkpoint that `from_pretrained` loads without the GGUF file.
-    """
-    base = model.get_base_model() if is_peft_model(model) else model
-    quantizer = getattr(base, "hf_quantizer", None)
-    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
-    if quantizer is None or getattr(method, "value", method) != "gguf":
-        yield
-        return
-    config = base.config
-    quant_config = config.quantization_config
-    base.hf_quantizer = None
-    del config.quantization_config  # or the saved config.json would ask for a GGUF file again
-    try:
-        yield
-    finally:
-        base.hf_quantizer = quantizer
-        config.quantization_config = quant_config
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -191,7 +164,7 @@ def _write(tmp: Path, *, model: nn.Module, tokenizer: Any, optimizer: torch.opti
            trainer_state: dict[str, Any], config_yaml: str, teacher_state: dict[str, torch.Tensor] | None,
            bank_path: str | os.PathLike | None, rank_rng_states: dict[int, dict[str, Any]]) -> None:
     """Every file of a checkpoint into `tmp`, the trainer state last, then flushed to disk."""
-    with _savable(model):
+    with savable(model):
         model.save_pretrained(tmp / "model", safe_serialization=True)
     tokenizer.save_pretrained(tmp / "model")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -356,6 +329,18 @@ def read_checkpoint_config(ckpt: str | os.PathLike) -> dict[str, Any]:
     """The config mapping saved in a checkpoint folder, with deprecated field names of older
     versions renamed (so the command line may use the new ones); ConfigError naming the file otherwise."""
     return rename_deprecated(read_yaml(Path(ckpt) / "config.yaml", what="checkpoint config", allow_empty=False))
+
+
+def read_weights_checkpoint(ckpt: str | os.PathLike, *, what: str = "--checkpoint") -> dict[str, Any]:
+    """The saved config of a checkpoint whose weights are to be used (`sgsd-fast eval`, `export`),
+    after checking that it is a checkpoint folder with readable weights; errors name `what`."""
+    ckpt = Path(ckpt)
+    if not (ckpt / "model").is_dir() or not (ckpt / "config.yaml").is_file():
+        raise ConfigError(f"{what}: {str(ckpt)!r} is not a checkpoint folder (expected model/ and config.yaml inside)")
+    problem = checkpoint_problem(ckpt, weights_only=True)
+    if problem is not None:
+        raise ValueError(f"{what}: {str(ckpt)!r} is unusable: {problem}")
+    return read_checkpoint_config(ckpt)
 
 
 def resolve_resume(resume: str, output_dir: str | None, runs_root: str | os.PathLike = "runs",

@@ -1,4 +1,4 @@
-"""Run logging: metrics.jsonl (always), TensorBoard (when installed), and a PNG plot of the curves.
+"""Run logging: metrics.jsonl (always), the `report_to` trackers (`trackers`), and a PNG plot of the curves.
 
 metrics.jsonl holds one JSON object per line: training rows carry ``"step"`` and eval rows carry
 ``"eval_step"`` as well; both are flat dicts of numbers so `pandas.read_json(lines=True)` or `jq`
@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from sgsd_fast.train.trackers import open_trackers
+
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "training_curves.png"
 
@@ -25,21 +27,13 @@ def _jsonable(value: Any) -> Any:
 
 
 class MetricsLogger:
-    """Appends rows to `run_dir/metrics.jsonl` and mirrors scalars to TensorBoard when asked or available."""
+    """Appends rows to `run_dir/metrics.jsonl` and forwards them to the `report_to` trackers."""
 
-    def __init__(self, run_dir: str | os.PathLike, *, report_to: str = "auto") -> None:
+    def __init__(self, run_dir: str | os.PathLike, *, report_to: str = "auto",
+                 config: dict[str, Any] | None = None) -> None:
         self.path = Path(run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tb = None
-        if report_to in ("auto", "tensorboard"):
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                if report_to == "tensorboard":
-                    raise ImportError("report_to='tensorboard' needs the `tensorboard` package "
-                                      "(pip install tensorboard), or use report_to='none'") from None
-            else:
-                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        self.trackers = open_trackers(report_to, run_dir, config or {})
 
     def rewrite(self, rows: Iterable[dict[str, Any]]) -> None:
         """Replace the file's contents (on resume: drop rows logged after the restored checkpoint)."""
@@ -52,17 +46,18 @@ class MetricsLogger:
     def log(self, row: dict[str, Any]) -> None:
         with self.path.open("a") as fh:
             fh.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
-        if self._tb is not None:
-            step = int(row.get("eval_step", row.get("step", 0)))
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "eval_step"):
-                    self._tb.add_scalar(key, value, step)
-            self._tb.flush()
+        for tracker in self.trackers:
+            tracker.log(row)
+
+    def log_image(self, path: str | os.PathLike) -> None:
+        """Send a picture (the curves PNG at the end of a run) to the trackers, named after the file."""
+        for tracker in self.trackers:
+            tracker.log_image(Path(path).stem, Path(path))
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

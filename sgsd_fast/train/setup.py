@@ -29,20 +29,21 @@ def lora_settings(cfg: TrainConfig) -> LoraSettings:
 
 
 def build_model(cfg: TrainConfig, *, device: str | None = None) -> tuple[nn.Module, Any]:
-    """(policy, tokenizer) as configured: dtype, device, attention, checkpointing, LoRA, Liger.
+    """(policy, tokenizer) as configured: dtype, device, attention, checkpointing, LoRA, Liger, 4/8-bit base.
 
     device: overrides `cfg.device` (a rank of a multi-process run loads onto cuda:LOCAL_RANK)."""
     lora = lora_settings(cfg) if cfg.use_peft else None
     return load_model_and_tokenizer(cfg.model, gguf_file=cfg.gguf_file, dtype=cfg.dtype, device=device or cfg.device,
                                     attn_implementation=cfg.attn_implementation,
-                                    gradient_checkpointing=cfg.gradient_checkpointing, lora=lora, liger=cfg.liger)
+                                    gradient_checkpointing=cfg.gradient_checkpointing, lora=lora, liger=cfg.liger,
+                                    load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit)
 
 
 def load_train_problems(cfg: TrainConfig) -> list[Problem]:
     if cfg.dataset == "builtin":
         return generate_problems(cfg.num_train_problems, seed=cfg.seed, split="train", levels=cfg.builtin_levels)
     return load_problems(cfg.dataset, problem_field=cfg.problem_field, answer_field=cfg.answer_field,
-                         split=cfg.dataset_split, limit=cfg.dataset_limit)
+                         split=cfg.dataset_split, config=cfg.dataset_config, limit=cfg.dataset_limit)
 
 
 def load_eval_problems(cfg: TrainConfig) -> list[Problem]:
@@ -50,8 +51,9 @@ def load_eval_problems(cfg: TrainConfig) -> list[Problem]:
         # One problem per computation: every eval problem is independent evidence.
         return generate_problems(cfg.num_eval_problems, seed=cfg.eval_seed, split="eval", levels=cfg.builtin_levels,
                                  distinct_keys=True)
+    config = cfg.eval_dataset_config or (cfg.dataset_config if cfg.eval_dataset == cfg.dataset else None)
     return load_problems(cfg.eval_dataset, problem_field=cfg.problem_field, answer_field=cfg.answer_field,
-                         split=cfg.eval_split, limit=cfg.num_eval_problems)
+                         split=cfg.eval_split, config=config, limit=cfg.num_eval_problems)
 
 
 def build_verifier(cfg: TrainConfig) -> Verifier:

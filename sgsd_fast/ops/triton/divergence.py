@@ -1,6 +1,6 @@
 """Triton row kernels of the fused multi-teacher divergence (see sgsd_fast.ops.linear_divergence).
 
-Same contract as the C++ operators in csrc/linear_divergence.cpp: the driver computes a chunk of
+Same contract as the C++ operators in sgsd_fast/csrc/linear_divergence.cpp: the driver computes a chunk of
 logits (already divided by the temperature) with GEMMs, and these kernels sweep the vocabulary
 once per row and program:
 
