@@ -6,10 +6,11 @@ training loss) and returns a detached tensor used to cross-check implementations
 other. An implementation that cannot run here raises `Unavailable` with the reason.
 
 benches and their implementations:
-- logprobs: linear_logprobs fwd+bwd. ours | naive (ops.reference, autograd) | cce (cut-cross-entropy)
+- logprobs: linear_logprobs fwd+bwd. ours | naive (ops.reference, autograd) | cce (cut-cross-entropy:
+  its CUDA kernels, or impl="torch_compile" on CPU) | floor (the three plain GEMMs, time only)
 - teacher_logprobs: K teachers' forward log-probs, no grad. ours | naive
 - sgsd_loss: K teachers' log-probs + gated loss + student backward, from hidden states. ours | naive
-- divergence: linear_divergence fwd+bwd (kind jsd or fkl). ours | naive | liger (K=1 only)
+- divergence: linear_divergence fwd+bwd (kind jsd, fkl or rkl). ours | naive | liger (K=1 only)
 """
 from __future__ import annotations
 
@@ -136,14 +137,26 @@ def _logprobs(spec: KernelSpec, impl: str, x: _Inputs, device: torch.device) -> 
     if impl == "cce":
         if importlib.util.find_spec("cut_cross_entropy") is None:
             raise Unavailable("cut-cross-entropy is not installed")
-        if device.type != "cuda":
-            raise Unavailable("cut-cross-entropy's kernels need CUDA")
         from cut_cross_entropy import linear_cross_entropy
 
+        # Its Triton kernels need CUDA; on CPU its torch.compile'd materializing implementation runs.
+        cce_impl = "cce" if device.type == "cuda" else "torch_compile"
+
         def run() -> torch.Tensor:
-            logp = -linear_cross_entropy(x.hidden, x.weight, x.targets, reduction="none")
+            logp = -linear_cross_entropy(x.hidden, x.weight, x.targets, reduction="none", impl=cce_impl)
             _backward(x, logp.sum())
             return logp.detach().float()
+
+        return run
+    if impl == "floor":
+        # The three GEMMs any fwd+bwd needs (logits, dX, dW) and nothing else: the time floor.
+        # Its output is one logit column, copied so that z is freed (not comparable to log-probs).
+        h, w = x.hidden.detach(), x.weight.detach()
+
+        def run() -> torch.Tensor:
+            z = h @ w.t()
+            z @ w, z.t() @ h  # noqa: B018 - dX and dW shaped GEMMs, timed for their cost
+            return z[:, 0].clone()
 
         return run
     raise Unavailable(f"no implementation {impl!r} for logprobs")
@@ -186,7 +199,7 @@ def _sgsd_loss(spec: KernelSpec, impl: str, x: _Inputs, device: torch.device) ->
 
 
 def _divergence(spec: KernelSpec, impl: str, x: _Inputs, device: torch.device) -> Callable[[], torch.Tensor]:
-    beta = 0.5 if spec.kind == "jsd" else 0.0  # GKD convention: beta = 0 is forward KL
+    beta = {"jsd": 0.5, "fkl": 0.0, "rkl": 1.0}[spec.kind]  # GKD convention: 0 = forward KL, 1 = reverse
     if impl in ("ours", "naive"):
         if impl == "ours":
             op = _require_op("linear_divergence")

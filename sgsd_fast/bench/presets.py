@@ -4,6 +4,9 @@ cpu-small    the quick side-by-side comparison (~1.5 minutes on this 2-core mach
              shapes, plus a tiny-Llama SGSD step and its longest rollout under a 160 MiB budget.
 cpu-scaling  scaling in N (512 -> 8k), V (32k, 49k, 152k) and K (1 -> 8) on CPU, and the longest
              tiny-Llama rollout under 512 MiB.
+cpu-floor    the SmolLM2 shape H=576, V=49152 on 2 threads: log-probs fwd+bwd at N=4096 against the
+             three-GEMM floor, naive and Cut Cross-Entropy (torch_compile), and the divergences
+             (FKL, RKL, JSD; K = 1, 4) at N=512 against naive (~6 minutes).
 gpu          the check shape N=16384, H=2048, V=151936 in bf16 (+ N scaling 1k -> 64k for log-probs).
 gpu-e2e      a Qwen3-1.7B-shaped SGSD step (K=8, random weights, bf16) and the longest rollout
              that fits 24 GiB.
@@ -76,6 +79,14 @@ def _cpu_scaling() -> Preset:
                   threads=1)
 
 
+def _cpu_floor() -> Preset:
+    h, v = 576, 49152  # SmolLM2's width and vocabulary
+    kernels = [(KernelSpec("logprobs", 4096, h, v), ("ours", "floor", "naive", "cce"))]
+    kernels += [(KernelSpec("divergence", 512, h, v, k=k, kind=kind), ALL[:2]) for kind in ("fkl", "rkl", "jsd")
+                for k in (1, 4)]
+    return Preset("cpu-floor", "cpu", kernels, repeat=3, max_seconds=30.0, naive_guard_bytes=4 * GiB, threads=2)
+
+
 def _gpu() -> Preset:
     h, v, n = 2048, 151936, 16384
     spec = lambda bench, n=n, **kw: KernelSpec(bench, n, h, v, dtype="bfloat16", **kw)  # noqa: E731
@@ -102,7 +113,7 @@ def _dryrun(p: Preset) -> Preset:
     return replace(p, device="cpu", kernels=kernels, e2e=e2e, repeat=1, max_seconds=1.0)
 
 
-PRESETS = {"cpu-small": _cpu_small, "cpu-scaling": _cpu_scaling, "gpu": _gpu, "gpu-e2e": _gpu_e2e}
+PRESETS = {"cpu-small": _cpu_small, "cpu-scaling": _cpu_scaling, "cpu-floor": _cpu_floor, "gpu": _gpu, "gpu-e2e": _gpu_e2e}
 
 
 def get_preset(name: str) -> Preset:
