@@ -34,3 +34,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(params=[
+    pytest.param("cuda", marks=[pytest.mark.cuda,
+                                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]),
+    pytest.param("cpu", marks=pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET") != "1",
+        reason="Triton runs CPU tensors only under TRITON_INTERPRET=1 (set above when CUDA is absent)")),
+])
+def triton_device(request):
+    """The device of a Triton kernel test: CUDA tensors (marked `cuda`) where a GPU is present, else
+    CPU tensors through the interpreter. Exactly one of the two runs on any host, so the same test
+    body checks the compiled kernels on a GPU and the same math on a CPU-only machine."""
+    return torch.device(request.param)

@@ -66,8 +66,8 @@ def loss_and_grads(fn, x, w, xt, tw, *, grad_seed=0, **kw):
     w = w.detach().clone().requires_grad_()
     out = fn(x, w, xt, tw, **kw)
     cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=F64) if out.dim() else 1.0
-    gx, gw = torch.autograd.grad((out.double() * cot).sum(), (x, w))
-    return out.detach(), gx, gw
+    gx, gw = torch.autograd.grad((out.double() * (cot.to(out.device) if out.dim() else cot)).sum(), (x, w))
+    return out.detach().cpu(), gx.cpu(), gw.cpu()
 
 
 def ours(backend):
@@ -95,15 +95,19 @@ def max_logit(x, w, xt, tw, temperature):
     return z.abs().max().item() / temperature
 
 
-def check_precision(backend, dtype, *, kind, beta, entry_clip, temperature, k, seed, n=12, h=24, v=300, ht=None):
+def check_precision(backend, dtype, *, kind, beta, entry_clip, temperature, k, seed, n=12, h=24, v=300, ht=None,
+                    device="cpu"):
     """CCE bound |ours - fp64| <= |naive same dtype - fp64| + tol for loss, dX and dW (max norm), plus a
-    direct elementwise bound for the loss and for bf16 gradients."""
+    direct elementwise bound for the loss and for bf16 gradients. `backend` runs on `device`; the
+    float64 truth and the naive baseline run on CPU."""
     x, w, xt, tw, gates, ignore = make_case(n, h, v, k, seed=seed, dtype=dtype, ht=ht)
     kw = dict(gates=gates, kind=kind, beta=beta, temperature=temperature, entry_clip=entry_clip,
               mask=~ignore, reduction="mean")
     up = (lambda t: None if t is None else t.double())
+    on = (lambda t: None if t is None else t.to(device))
     truth = loss_and_grads(reference_f64, up(x), up(w), up(xt), up(tw), **kw)
-    got = loss_and_grads(ours(backend), x, w, xt, tw, **kw)
+    got = loss_and_grads(ours(backend), on(x), on(w), on(xt), on(tw),
+                         **dict(kw, gates=on(gates), mask=on(~ignore)))
     naive = loss_and_grads(naive_same_dtype, x, w, xt, tw, **kw)
     zmax = max_logit(x, w, xt, tw, temperature)
     assert got[0].dtype == torch.float32
@@ -113,7 +117,9 @@ def check_precision(backend, dtype, *, kind, beta, entry_clip, temperature, k, s
         err = (a.double() - t).abs().max().item()
         naive_err = (b.double() - t).abs().max().item()
         assert err <= naive_err + tol, f"{name}: |ours-fp64|={err:.3e} > |naive-fp64|={naive_err:.3e} + {tol:.1e}"
-        if name == "loss" or dtype == torch.bfloat16:
+        # On CUDA the gradient GEMMs take dL/dz rounded to bf16 (tensor cores), so a bf16 gradient is
+        # not one rounding of the fp32 one there; the CCE bound above is its criterion.
+        if name == "loss" or (dtype == torch.bfloat16 and torch.device(device).type == "cpu"):
             # direct: the fp32 loss from exact (bf16-valued) inputs; bf16 grads = fp32 grads rounded once
             bound = (0.0 if name == "loss" else U_BF16) * t.abs() + tol
             assert bool(((a.double() - t).abs() <= bound).all()), f"{name}: max err {err:.3e} (scale {scale:.3e})"

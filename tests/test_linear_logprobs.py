@@ -127,12 +127,14 @@ def run_with_grads(hidden, weight, targets, grad_logp, **kw):
     return logp.detach(), lse, ent, h.grad, w.grad
 
 
-def check_accuracy(backend, dtype, temperature, *, n=64, dim=48, vocab=300, workspace_bytes=None):
-    """Forward outputs and both gradients of `backend` against float64, CCE-style."""
+def check_accuracy(backend, dtype, temperature, *, n=64, dim=48, vocab=300, workspace_bytes=None, device="cpu"):
+    """Forward outputs and both gradients of `backend` on `device` against float64 (on CPU), CCE-style."""
     hidden, weight, targets = make_inputs(n, dim, vocab, dtype, ignore_every=5, seed=n + vocab)
     grad = torch.randn(n, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2
-    logp, lse, ent, dx, dw = run_with_grads(hidden, weight, targets, grad, temperature=temperature,
-                                            backend=backend, workspace_bytes=workspace_bytes)
+    on = (lambda t: t.to(device))
+    logp, lse, ent, dx, dw = (t.cpu() for t in run_with_grads(
+        on(hidden), on(weight), on(targets), on(grad), temperature=temperature, backend=backend,
+        workspace_bytes=workspace_bytes))
     assert logp.dtype == torch.float32 and dx.dtype == dtype and dw.dtype == dtype
 
     truth = run_with_grads(hidden.double(), weight.double(), targets, grad, temperature=temperature,

@@ -1,9 +1,11 @@
-"""Triton kernels of linear_logprobs, run by the interpreter on CPU (TRITON_INTERPRET=1, conftest).
+"""Triton kernels of linear_logprobs on CUDA tensors (marked `cuda`) where a GPU is present, else on
+CPU tensors through the interpreter (TRITON_INTERPRET=1, conftest): the `triton_device` fixture.
 
 Shapes are tiny (the interpreter executes each program in numpy) but chosen so that every masked
-edge is hit: N < BLOCK_N, H not a multiple of BLOCK_H, V not a multiple of BLOCK_V, several
-backward row chunks, and several vocabulary splits in the forward. Helpers and the accuracy
-criterion come from test_linear_logprobs.py (see its docstring for the error bounds).
+edge is hit: N < BLOCK_N, H not a multiple of BLOCK_H, V not a multiple of BLOCK_V, ignored rows,
+several backward row chunks, and several vocabulary splits in the forward. Values and gradients
+are checked against float64 on CPU with the criterion of test_linear_logprobs.py (its docstring
+derives the error bounds).
 """
 from __future__ import annotations
 
@@ -24,29 +26,32 @@ WORKSPACE = 16 * V * 4
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("temperature", [1.0, 1.7])
-def test_accuracy_vs_float64(dtype, temperature):
-    check_accuracy("triton", dtype, temperature, n=N, dim=H, vocab=V, workspace_bytes=WORKSPACE)
+def test_accuracy_vs_float64(dtype, temperature, triton_device):
+    check_accuracy("triton", dtype, temperature, n=N, dim=H, vocab=V, workspace_bytes=WORKSPACE, device=triton_device)
 
 
-def test_accuracy_large_offsets_single_block():
+def test_accuracy_large_offsets_single_block(triton_device):
     # Logit spread 10 with row offsets ~ +-100 and the default (single-chunk) workspace.
     hidden, weight, targets = make_inputs(N, H, V, torch.float32, logit_std=10.0, offset=100.0, seed=5)
     truth = linear_logprobs_reference(hidden.double(), weight.double(), targets)
     naive = linear_logprobs_reference(hidden, weight, targets)
-    ours = linear_logprobs(hidden, weight, targets, backend="triton", return_lse=True, return_entropy=True)
+    ours = linear_logprobs(hidden.to(triton_device), weight.to(triton_device), targets.to(triton_device),
+                           backend="triton", return_lse=True, return_entropy=True)
+    ours = [t.cpu() for t in ours]
     tol = error_bounds(hidden, weight, targets, 1.0, torch.zeros(N), torch.float32)
     for name, i in (("logp", 0), ("lse", 1), ("entropy", 2)):
         assert_cce_bound(name, ours[i], naive[i], truth[i], tol[name])
 
 
 @pytest.mark.parametrize("splits", [2, 3, 4])
-def test_vocab_split_partials_merge(splits):
+def test_vocab_split_partials_merge(splits, triton_device):
     # 4 vocabulary tiles over 2-4 splits (3 splits -> 2 tiles each, the last split one ragged tile):
     # the host-side merge of (max, sum-exp, entropy term, target logit) must equal one pass.
     hidden, weight, targets = make_inputs(N, H, V, torch.float32, seed=splits)
     targets = targets.clamp(min=0)  # the kernels take compacted rows only
-    one = kernels.logprobs_forward(hidden, weight, targets, 1.3, True, vocab_splits=1)
-    many = kernels.logprobs_forward(hidden, weight, targets, 1.3, True, vocab_splits=splits)
+    dev = [t.to(triton_device) for t in (hidden, weight, targets)]
+    one = [t.cpu() for t in kernels.logprobs_forward(*dev, 1.3, True, vocab_splits=1)]
+    many = [t.cpu() for t in kernels.logprobs_forward(*dev, 1.3, True, vocab_splits=splits)]
     truth = linear_logprobs_reference(hidden.double(), weight.double(), targets, temperature=1.3)
     naive = linear_logprobs_reference(hidden, weight, targets, temperature=1.3)
     tol = error_bounds(hidden, weight, targets, 1.3, torch.zeros(N), torch.float32)
@@ -55,8 +60,9 @@ def test_vocab_split_partials_merge(splits):
         assert_cce_bound(f"{name} (1 split)", one[i], naive[i], truth[i], tol[name])
 
 
-def test_gradcheck_float64():
-    hidden, weight, targets = make_inputs(5, 4, 70, torch.float64, logit_std=3.0, offset=4.0, ignore_every=3)
+def test_gradcheck_float64(triton_device):
+    hidden, weight, targets = (t.to(triton_device) for t in make_inputs(5, 4, 70, torch.float64, logit_std=3.0,
+                                                                        offset=4.0, ignore_every=3))
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
 
@@ -77,17 +83,17 @@ def test_backward_workspace_rows_follow_the_budget():
     assert _triton_chunk_rows(1000, torch.float32, 1) == 1
 
 
-def test_backends_agree():
+def test_backends_agree(triton_device):
     hidden, weight, targets = make_inputs(N, H, V, torch.bfloat16, ignore_every=4, seed=11)
     grad = torch.randn(N, dtype=torch.float64)
     tol = error_bounds(hidden, weight, targets, 1.0, grad, torch.bfloat16)
     results = {}
-    for backend in ("triton", "cpu"):
-        h = hidden.clone().requires_grad_(True)
-        w = weight.clone().requires_grad_(True)
-        logp = linear_logprobs(h, w, targets, backend=backend, workspace_bytes=WORKSPACE)
-        logp.backward(grad.float())
-        results[backend] = (logp.detach(), h.grad.float(), w.grad.float())
+    for backend, device in (("triton", triton_device), ("cpu", torch.device("cpu"))):
+        h = hidden.to(device, copy=True).requires_grad_(True)
+        w = weight.to(device, copy=True).requires_grad_(True)
+        logp = linear_logprobs(h, w, targets.to(device), backend=backend, workspace_bytes=WORKSPACE)
+        logp.backward(grad.float().to(device))
+        results[backend] = (logp.detach().cpu(), h.grad.float().cpu(), w.grad.float().cpu())
     # Each backend is within tol of the fp64 truth, so they are within 2 tol of each other.
     for name, a, b in zip(("logp", "dx", "dw"), results["triton"], results["cpu"]):
         assert torch.all((a.double() - b.double()).abs() <= 2 * tol[name]), name
