@@ -81,6 +81,8 @@ def test_backward_workspace_rows_follow_the_budget():
     assert _triton_chunk_rows(1000, torch.bfloat16, 6000 * 7) == 7
     assert _triton_chunk_rows(1000, torch.float64, 8000 * 7) == 7
     assert _triton_chunk_rows(1000, torch.float32, 1) == 1
+    # room for 2.5 row blocks: two whole blocks
+    assert _triton_chunk_rows(1000, torch.float32, 4000 * kernels.BLOCK_N * 5 // 2) == 2 * kernels.BLOCK_N
 
 
 def test_backends_agree(triton_device):

@@ -55,12 +55,17 @@ def _cpu_blocks(vocab: int, dtype: torch.dtype, budget: int) -> tuple[int, int]:
 
 
 def _triton_chunk_rows(vocab: int, weight_dtype: torch.dtype, budget: int) -> int:
-    """Rows of the [rows, V] dz workspace (fp32, plus its cast copy for half weights) in `budget`."""
+    """Rows of the [rows, V] dz workspace (fp32, plus its cast copy for half weights) in `budget`,
+    rounded down to whole BLOCK_N row blocks when there is room for one: otherwise every chunk
+    would end on a partly masked block of recompute programs."""
+    from sgsd_fast.ops.triton.logprobs import BLOCK_N
+
     md = math_dtype(weight_dtype)
     per_row = vocab * torch.finfo(md).bits // 8
     if weight_dtype != md:
         per_row += vocab * torch.finfo(weight_dtype).bits // 8
-    return max(1, budget // max(1, per_row))
+    rows = max(1, budget // max(1, per_row))
+    return rows if rows < BLOCK_N else rows - rows % BLOCK_N
 
 
 def _forward_rows(hidden, weight, targets, temperature, with_entropy, backend, budget):
