@@ -197,7 +197,7 @@ class TrainConfig:
 
     # ---- optimization ------------------------------------------------------------------------
     max_steps: int = _f(30, "Optimizer steps (30 on the embedded job: more accurate than 20 at the same seeds, "
-                         "benchmarks/results/learning.md, and still under 15 minutes on 2 cores).")
+                         "benchmarks/results/learning.md; ~25 s a step on 2 CPU cores).")
     learning_rate: float = _f(1e-4, "Peak learning rate (1e-4 for LoRA r=16 on the embedded job; the paper: 5e-6 "
                               "for LoRA r=64 on Qwen3-1.7B).")
     optim: str = _f("auto", f"Optimizer, one of {OPTIMIZERS}; 'auto' = paged_adamw_8bit on CUDA, adamw_8bit on CPU "
