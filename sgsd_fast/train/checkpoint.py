@@ -68,7 +68,7 @@ RESUME_LOCKED = ("model", "gguf_file", "use_peft", "lora_r", "lora_alpha", "lora
 # uninterrupted one.
 RESUME_FREE = ("max_steps", "output_dir", "progress", "save_every", "save_total_limit", "report_to",
                "log_completions", "eval_every", "verifier_workers", "device", "attn_implementation",
-               "gradient_checkpointing", "generation_batch_size", "teacher_micro_batch_size", "micro_batch_size",
+               "gradient_checkpointing", "generation_batch_size", "share_prompt_prefix", "teacher_micro_batch_size", "micro_batch_size",
                "skill_bank", "vllm_gpu_memory_utilization", "max_consecutive_skipped_steps", "vllm_mode",
                "vllm_max_model_len", "vllm_enable_sleep_mode", "vllm_server_host", "vllm_server_port",
                "vllm_group_port")

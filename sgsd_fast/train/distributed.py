@@ -34,7 +34,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from sgsd_fast.models import decoder
+from sgsd_fast.train.batch import rows_hidden
 
 T = TypeVar("T")
 
@@ -86,10 +86,9 @@ class HiddenStates(nn.Module):
         super().__init__()
         self.policy = policy
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        out = decoder(self.policy)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   use_cache=False)
-        return out.last_hidden_state
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                prefix_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return rows_hidden(self.policy, input_ids, attention_mask, position_ids, prefix_ids)
 
 
 class Distributed:

@@ -70,8 +70,10 @@ class EvalResult:
 def evaluate(model: nn.Module, tokenizer: Any, problems: Sequence[Any], verifier: Any, *, max_new_tokens: int,
              samples: int = 0, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, batch_size: int = 16,
              seed: int = 0, chat_template: bool = True, thinking: bool | None = None,
-             fmt: str | AnswerFormat = "boxed", reject_repetition: bool = False) -> EvalResult:
-    """Evaluate `model` on `problems` (greedy, plus avg@k when `samples` > 0)."""
+             fmt: str | AnswerFormat = "boxed", reject_repetition: bool = False,
+             share_prefix: bool = True) -> EvalResult:
+    """Evaluate `model` on `problems` (greedy, plus avg@k when `samples` > 0); `share_prefix` as in
+    `HFRolloutEngine`."""
     if not problems:
         raise ValueError("evaluation needs at least one problem")
     if samples < 0:
@@ -83,7 +85,7 @@ def evaluate(model: nn.Module, tokenizer: Any, problems: Sequence[Any], verifier
     model.eval()
     try:
         engine = HFRolloutEngine(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_p=top_p, top_k=top_k, batch_size=batch_size)
+                                 top_p=top_p, top_k=top_k, batch_size=batch_size, share_prefix=share_prefix)
         greedy = engine.generate(prompts, greedy=True)
         result = verifier.score(greedy.completion_texts, answers)
         gated, loops = gate_repetitive(greedy.completion_texts, result.rewards)

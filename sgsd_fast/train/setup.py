@@ -78,7 +78,8 @@ def build_engine(cfg: TrainConfig, model: nn.Module, tokenizer: Any, *, rank: in
                                  max_model_len=cfg.vllm_max_model_len, enable_sleep_mode=cfg.vllm_enable_sleep_mode,
                                  distributed=world_size > 1, seed=cfg.seed)
     return HFRolloutEngine(model, tokenizer, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                           top_p=cfg.top_p, top_k=cfg.top_k, batch_size=cfg.generation_batch_size)
+                           top_p=cfg.top_p, top_k=cfg.top_k, batch_size=cfg.generation_batch_size,
+                           share_prefix=cfg.share_prompt_prefix)
 
 
 def prepare_bank(cfg: TrainConfig, run_dir: Path, start: Path | None = None) -> Path:

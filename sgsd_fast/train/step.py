@@ -109,7 +109,7 @@ def _student_hidden(model: nn.Module, ddp: nn.Module | None, batch: PackedBatch)
     """The student's [b, T, H] states: through DDP (which then reduces the gradients) when data parallel."""
     if ddp is None:
         return forward_hidden(model, batch)
-    return batch.completion_hidden(ddp(batch.input_ids, batch.attention_mask, batch.position_ids))
+    return batch.completion_hidden(ddp(batch.input_ids, batch.attention_mask, batch.position_ids, batch.prefix_ids))
 
 
 def update_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
@@ -132,12 +132,16 @@ def update_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: t
     total_loss, metrics_acc = 0.0, {}
     # A NaN teacher score (or any non-finite input) would poison the loss: skip rather than crash.
     finite = dist.all_true(inp.payload.finite())
+    # Checkpointed layers drop a KV cache in training (transformers replays them without it), so the
+    # student shares its prompt prefix only without gradient checkpointing.
+    share_prefix = cfg.share_prompt_prefix and not cfg.gradient_checkpointing
     starts = list(range(0, b if finite else 0, cfg.micro_batch_size))
     try:
         for b0 in starts:
             sl = slice(b0, min(b0 + cfg.micro_batch_size, b))
             with accumulate(ddp, sync=b0 == starts[-1]):
-                batch = pack(inp.prompt_ids[sl], inp.completion_ids[sl], pad_id=pad_id, length=length, device=device)
+                batch = pack(inp.prompt_ids[sl], inp.completion_ids[sl], pad_id=pad_id, length=length, device=device,
+                             share_prefix=share_prefix)
                 hidden = _student_hidden(model, ddp, batch)
                 loss = out = None
                 mask = inp.mask[sl].to(device)

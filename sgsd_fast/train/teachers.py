@@ -145,11 +145,13 @@ class TeacherPool:
         chat_template, thinking: the teacher side's own rendering (SPEC §4: Qwen3 thinks as a teacher).
         fmt: the answer format, the student's own (`sgsd_fast.prompts.AnswerFormat` or its name).
         temperature: tau_s of the teacher log-probs.
+        share_prefix: run the prompt prefix a micro-batch's teacher prompts share (system prompt, worked
+            example, preamble: ~100 tokens on the embedded job) once (`sgsd_fast.train.batch.pack`).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, params: str = "live", ema_decay: float = 0.99,
                  micro_batch_size: int = 8, chat_template: bool = True, thinking: bool | None = None,
-                 temperature: float = 1.0, fmt: str | AnswerFormat = "boxed") -> None:
+                 temperature: float = 1.0, fmt: str | AnswerFormat = "boxed", share_prefix: bool = True) -> None:
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         self.tokenizer = tokenizer
@@ -158,6 +160,7 @@ class TeacherPool:
         self.chat_template, self.thinking = chat_template, thinking
         self.temperature = temperature
         self.fmt = fmt
+        self.share_prefix = share_prefix
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """Token ids of a rendered teacher prompt (the teacher side's own template and thinking flag)."""
@@ -190,7 +193,8 @@ class TeacherPool:
 
     def _states(self, model: nn.Module, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
                 length: int, device: torch.device) -> torch.Tensor:
-        batch = pack(prompts, completions, pad_id=self.tokenizer.pad_token_id, length=length, device=device)
+        batch = pack(prompts, completions, pad_id=self.tokenizer.pad_token_id, length=length, device=device,
+                     share_prefix=self.share_prefix)
         return forward_hidden(model, batch)
 
     @torch.no_grad()

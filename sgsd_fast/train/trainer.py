@@ -148,8 +148,8 @@ class Trainer:
         self.teachers = TeacherPool(model, tokenizer, params=cfg.teacher_params, ema_decay=cfg.ema_decay,
                                     micro_batch_size=cfg.teacher_micro_batch_size,
                                     chat_template=cfg.teacher_chat_template, thinking=cfg.teacher_thinking,
-                                    temperature=cfg.logprob_temperature,
-                                    fmt=cfg.answer_format) if objective_cls.needs_teachers else None
+                                    temperature=cfg.logprob_temperature, fmt=cfg.answer_format,
+                                    share_prefix=cfg.share_prompt_prefix) if objective_cls.needs_teachers else None
         self.masker = TokenMasker(tokenizer, keep_eos=objective_cls.keep_eos)
         self.optimizer = build_optimizer(model.parameters(), cfg, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg)
@@ -238,7 +238,7 @@ class Trainer:
     def _generate_text(self, prompts: list[str]) -> list[str]:
         """Greedy generation with the current policy: the LLM that writes online skill/mistake notes."""
         engine = HFRolloutEngine(self.model, self.tokenizer, max_new_tokens=self.cfg.online_max_new_tokens,
-                                 batch_size=self.cfg.generation_batch_size)
+                                 batch_size=self.cfg.generation_batch_size, share_prefix=self.cfg.share_prompt_prefix)
         return engine.generate(prompts, greedy=True).completion_texts
 
     def batch_problems(self, step: int) -> list[Problem]:
@@ -262,7 +262,8 @@ class Trainer:
                           temperature=cfg.eval_temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                           batch_size=cfg.generation_batch_size, seed=cfg.seed + 10**6 + step,
                           chat_template=cfg.student_chat_template, thinking=cfg.student_thinking,
-                          fmt=cfg.answer_format, reject_repetition=cfg.reject_repetition)
+                          fmt=cfg.answer_format, reject_repetition=cfg.reject_repetition,
+                          share_prefix=cfg.share_prompt_prefix)
         metrics = result.metrics
         if self.dist.is_main:
             write_records(eval_records_path(self.run_dir, step), result.records)
