@@ -150,6 +150,11 @@ def train_rows(run_dir: Path) -> list[dict]:
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if "eval_step" not in r]
 
 
+def logged(rows: list[dict]) -> list[dict]:
+    """Metrics rows without timings and memory, the only values that differ between two equal runs."""
+    return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "peak_memory_mb"} for r in rows]
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_two_processes_equal_one_process(runs, method):
     single, control, ranks, root = runs
@@ -301,9 +306,6 @@ def test_a_rank_killed_mid_step_then_both_relaunched_resume_bit_exactly(runs, tm
         weights = torch.load(tmp_path / f"relaunched-rank{rank}.pt")
         for name, w in ranks[rank]["sgsd"]["weights"].items():
             assert torch.equal(weights[name], w), (rank, name)
-
-    def logged(rows):  # timings and memory are the only values that differ between two runs
-        return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "peak_memory_mb"} for r in rows]
 
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [r["step"] for r in read_metrics(uninterrupted / "metrics.jsonl")]
