@@ -20,6 +20,7 @@ import os
 import types
 import typing
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ TASK_LEVELS = (1, 2, 3, 4, 5)  # keys of sgsd_fast.data.tasks.LEVELS
 SGSD_OUTCOMES = ("sign", "advantage")
 ROLLOUT_SEEDINGS = ("auto", "step", "problem")
 VLLM_MODES = ("colocate", "server")
+DATA_PARALLEL = ("ddp", "fsdp")
 
 
 #: Old field names still read from YAML files, checkpoints and the command line (with a FutureWarning).
@@ -155,8 +157,9 @@ class TrainConfig:
                                    "example, teacher preamble) once and reuse their KV cache, in generation and in "
                                    "the teacher and student passes: the same results up to float rounding; the "
                                    "embedded job's steps ~25 s -> ~14 s and its 200-problem evaluations ~116 s -> "
-                                   "~45 s. The student does not share it under gradient_checkpointing "
-                                   "(checkpointed layers drop the cache).")
+                                   "~45 s. Not used with data_parallel 'fsdp' (a rank's prefix pass would be a "
+                                   "collective the others may not run), nor by the student under "
+                                   "gradient_checkpointing (checkpointed layers drop the cache).")
     rollout_engine: str = _f("hf", f"Rollout backend, one of {ROLLOUT_ENGINES}: 'hf' (transformers generate, CPU or GPU, "
                              "tested) or 'vllm' (CUDA with vLLM installed; weights synced before each step; untested "
                              "in CI).")
@@ -229,6 +232,17 @@ class TrainConfig:
                               "the problem's index in the step), so the rollouts are the same whatever the number of "
                               "processes; 'auto' = 'step' in one process, 'problem' under torchrun / accelerate "
                               "launch. Set 'problem' on a 1-process run to reproduce a multi-process one.")
+    data_parallel: str = _f("ddp", f"How a multi-process run holds the model, one of {DATA_PARALLEL}: 'ddp' keeps "
+                            "the whole model, its gradients and optimizer states on every rank (DistributedDataParallel); "
+                            "'fsdp' shards all three over the ranks with FSDP2 (`fully_shard` on every decoder layer and "
+                            "on the root that holds the embeddings, final norm and lm_head), gathering each layer for "
+                            "its forward and backward and the lm_head whole for the fused log-prob ops (README 'Scaling "
+                            "out'). Checkpoints are the same either way. No effect in one process.")
+    fsdp_param_dtype: str | None = _f(None, "FSDP2 mixed precision (data_parallel 'fsdp'): the dtype the gathered "
+                                      "parameters compute in, one of ('float32', 'bfloat16', 'float16'), while the "
+                                      "shards and optimizer states keep `dtype` and gradients are reduce-scattered in "
+                                      "float32; `--dtype float32 --fsdp_param_dtype bfloat16` is float32 master "
+                                      "weights with bfloat16 compute. none = compute in `dtype`.")
     vllm_mode: str = _f("colocate", f"vLLM placement (rollout_engine='vllm'), one of {VLLM_MODES}: 'colocate' runs an "
                         "engine inside each training process on its GPU (weights copied in memory each step); "
                         "'server' uses a `trl vllm-serve` process on other GPUs (weights broadcast over NCCL by "
@@ -329,8 +343,10 @@ class TrainConfig:
         need(0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
         need(0 < self.vllm_gpu_memory_utilization < 1, "vllm_gpu_memory_utilization", "a number in (0, 1)")
         need(self.rollout_engine != "vllm" or self.device != "cpu", "rollout_engine", "'hf' when device is 'cpu'")
-        for name, choices in (("rollout_seeding", ROLLOUT_SEEDINGS), ("vllm_mode", VLLM_MODES)):
+        for name, choices in (("rollout_seeding", ROLLOUT_SEEDINGS), ("vllm_mode", VLLM_MODES),
+                              ("data_parallel", DATA_PARALLEL)):
             need(getattr(self, name) in choices, name, f"one of {choices}")
+        self._validate_fsdp(need)
         for name in ("vllm_max_model_len", "vllm_server_port", "vllm_group_port"):
             need(getattr(self, name) >= 1, name, "an integer >= 1")
         need(self.rollout_engine != "vllm" or self.vllm_mode == "server" or
@@ -369,6 +385,43 @@ class TrainConfig:
              "'starter' or an existing .json/.db skill bank file")
         need(self.model == "smollm2" or not self.model.startswith((".", "/", "~")) or Path(self.model).exists(),
              "model", "'smollm2', a Hugging Face model id or an existing local directory")
+
+    def prefix_sharing(self, *, student: bool = False) -> bool:
+        """Whether a pass runs its batch's shared prompt prefix once (`share_prompt_prefix`).
+
+        Never under data_parallel 'fsdp': every forward of a sharded policy is a collective, and
+        whether a batch has a prefix to share depends on each rank's own prompts. Not for the
+        student's update under gradient checkpointing: checkpointed layers drop the KV cache.
+        """
+        return (self.share_prompt_prefix and self.data_parallel != "fsdp"
+                and not (student and self.gradient_checkpointing))
+
+    def _validate_fsdp(self, need: Callable[[bool, str, str], None]) -> None:
+        """What data_parallel 'fsdp' excludes. Every forward of a sharded policy is a collective of all
+        ranks (each layer is all-gathered), so nothing may run the policy on one rank alone or an
+        unequal number of times, and whatever reads whole weight tensors outside a forward would
+        see this rank's shard only."""
+        fsdp = self.data_parallel == "fsdp"
+        need(self.fsdp_param_dtype is None or (fsdp and self.fsdp_param_dtype in DTYPES[1:]), "fsdp_param_dtype",
+             f"none, or one of {DTYPES[1:]} with data_parallel 'fsdp'")
+        if not fsdp:
+            return
+        need(self.teacher_params != "ema", "teacher_params",
+             "'live' or 'frozen' with data_parallel 'fsdp' (the EMA teacher's copy of the weights is not sharded)")
+        need(self.use_peft or self.teacher_params == "live", "teacher_params",
+             "'live' with data_parallel 'fsdp' and use_peft false (a frozen teacher without LoRA is a whole "
+             "unsharded copy of the model on every rank; with LoRA it is the base, adapter disabled)")
+        for name in ("load_in_4bit", "load_in_8bit"):
+            need(not getattr(self, name), name, "false with data_parallel 'fsdp' (bitsandbytes-quantized weights "
+                 "are not sharded here)")
+        need(self.rollout_engine == "hf", "rollout_engine",
+             "'hf' with data_parallel 'fsdp' (the vLLM weight sync reads whole tensors, a rank holds shards)")
+        need(self.online_update_every == 0, "online_update_every",
+             "0 with data_parallel 'fsdp' (rank 0 alone writes the notes with the policy, whose forward needs "
+             "every rank)")
+        need(self.encoder != "policy", "encoder",
+             "not 'policy' with data_parallel 'fsdp' (retrieval would run the sharded policy outside the "
+             "passes every rank makes together)")
 
     # -- conversion ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import inspect
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -31,6 +32,7 @@ __all__ = [
     "SMOLLM2_GGUF",
     "LoraSettings",
     "apply_lora",
+    "base_model",
     "decoder",
     "is_peft_model",
     "lm_head_weight",
@@ -414,8 +416,8 @@ def is_peft_model(model: nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
-def _base_model(model: nn.Module) -> nn.Module:
-    """The transformers model under any peft wrapper (LoRA layers inside stay active)."""
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers causal LM under any peft wrapper (LoRA layers inside stay active)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 
@@ -424,13 +426,20 @@ def lm_head_weight(model: nn.Module) -> torch.Tensor:
     """The `[V, H]` output projection weight (tied or not), through peft wrappers.
 
     Raises ValueError when the lm_head carries a LoRA adapter: the fused log-prob kernels take
-    one plain weight matrix, so an adapted lm_head cannot be represented by it.
+    one plain weight matrix, so an adapted lm_head cannot be represented by it; and when the
+    weight is an FSDP shard (a DTensor): the kernels need all V rows, which a sharded model holds
+    only inside its root's forward (`sgsd_fast.train.sharding.through_root`).
     """
-    head = _base_model(model).get_output_embeddings()
+    head = base_model(model).get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head)")
     if hasattr(head, "base_layer"):
         raise ValueError("the lm_head has a LoRA adapter; exclude it from target_modules (all-linear already does)")
+    # Checked without importing torch.distributed.tensor (~1 s): no DTensor exists before it is imported.
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    if dtensor is not None and isinstance(head.weight, dtensor):
+        raise ValueError("the lm_head weight is an FSDP shard here; read it inside the root's forward, where it is "
+                         "gathered (sgsd_fast.train.sharding.through_root)")
     return head.weight
 
 
@@ -440,7 +449,7 @@ def decoder(model: nn.Module) -> nn.Module:
     For Llama/Qwen-style causal LMs this is ``model.model``; peft wrappers are looked through,
     and LoRA layers inside the backbone remain active.
     """
-    base = _base_model(model)
+    base = base_model(model)
     get_decoder = getattr(base, "get_decoder", None)
     backbone = get_decoder() if callable(get_decoder) else getattr(base, "model", None)
     if backbone is None or backbone is base:
@@ -467,7 +476,7 @@ def shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
 def _cache_keyword(module: nn.Module) -> str:
     """The keyword a transformers forward takes its KV cache under: ``cache`` from transformers 5.x
     on, ``past_key_values`` before (5.x still accepts the old name, with a deprecation warning)."""
-    return "cache" if "cache" in inspect.signature(_base_model(module).forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(base_model(module).forward).parameters else "past_key_values"
 
 
 def prefix_cache(model: nn.Module, prefix_ids: torch.Tensor, batch_size: int) -> dict[str, Any]:

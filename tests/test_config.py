@@ -60,6 +60,15 @@ def test_yaml_round_trip(tmp_path):
         (["--skill_bank", "missing_bank.json"], "skill_bank"),
         (["--dataset", "missing.parquet"], "dataset"),
         (["--builtin_levels", ""], "builtin_levels"),
+        (["--data_parallel", "zero3"], "data_parallel"),
+        (["--fsdp_param_dtype", "bfloat16"], "fsdp_param_dtype"),  # only with data_parallel fsdp
+        # what a sharded policy cannot do (sgsd_fast.config.TrainConfig._validate_fsdp)
+        (["--data_parallel", "fsdp", "--teacher_params", "ema"], "teacher_params"),
+        (["--data_parallel", "fsdp", "--use_peft", "false"], "teacher_params"),  # a frozen full copy
+        (["--data_parallel", "fsdp", "--load_in_4bit", "true"], "load_in_4bit"),
+        (["--data_parallel", "fsdp", "--online_update_every", "1"], "online_update_every"),
+        (["--data_parallel", "fsdp", "--encoder", "policy"], "encoder"),
+        (["--data_parallel", "fsdp", "--fsdp_param_dtype", "auto"], "fsdp_param_dtype"),
     ],
 )
 def test_bad_values_name_the_field(argv, field):

@@ -17,12 +17,17 @@ control run in this process changes nothing but the reduction order (micro_batch
 differences up to 4.5e-5, the 2-process run's up to 1.7e-5. A real error is outside: AdamW is
 scale-invariant, so a wrong normalizer (a factor of world_size) barely moves the weights, but it
 moves the logged loss and gradient norm by that factor.
+
+Resume: continuing the 2-process SGSD run from its step-1 checkpoint (in process, and after a
+rank was killed with SIGKILL mid-step and both were relaunched) is compared bit for bit.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +36,7 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 
 from sgsd_fast.config import TrainConfig
+from sgsd_fast.train.checkpoint import resolve_resume
 from sgsd_fast.models import tiny_random_model, tiny_tokenizer
 from sgsd_fast.train.distributed import Distributed, LaunchEnv, rank_device
 from sgsd_fast.train.metrics import read_metrics
@@ -98,12 +104,17 @@ def resume_sgsd(root: Path, bank_file: Path, dist: Distributed) -> dict[str, tor
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _worker(rank: int, port: int, root: str, bank_file: str) -> None:
+def join_group(rank: int, port: int) -> Distributed:
+    """A spawned rank's process group (gloo on 127.0.0.1:port, one torch thread) and its `Distributed`."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     tdist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    return Distributed(LaunchEnv(WORLD, rank, rank))
+
+
+def _worker(rank: int, port: int, root: str, bank_file: str) -> None:
+    dist = join_group(rank, port)
     try:
-        dist = Distributed(LaunchEnv(WORLD, rank, rank))
         result = run_methods(Path(root), Path(bank_file), dist)
         result["resumed"] = resume_sgsd(Path(root), Path(bank_file), dist)
         torch.save(result, Path(root) / f"result-rank{rank}.pt")
@@ -137,6 +148,11 @@ def runs(tmp_path_factory):
 
 def train_rows(run_dir: Path) -> list[dict]:
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if "eval_step" not in r]
+
+
+def logged(rows: list[dict]) -> list[dict]:
+    """Metrics rows without timings and memory, the only values that differ between two equal runs."""
+    return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "peak_memory_mb"} for r in rows]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -209,6 +225,92 @@ def test_two_process_resume_is_bit_exact(runs):
     rows = train_rows(root / "two" / "resumed")
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[1]["loss"] == train_rows(root / "two" / "sgsd")[1]["loss"]
+
+
+class KillingVerifier(ParityVerifier):
+    """ParityVerifier that SIGKILLs its own process at its `at`-th call: a rank dying mid-step.
+
+    With eval_at_start off the verifier runs once per training step, so call 2 is step 2, after
+    its rollouts and before its update, and after checkpoint-1 is complete (the other rank waits
+    in the save's broadcast until rank 0 has published it). Test-only: no hook in the trainer.
+    """
+
+    def __init__(self, at: int) -> None:
+        self.at, self.calls = at, 0
+
+    def score(self, completions, answers) -> VerifyResult:
+        self.calls += 1
+        if self.calls == self.at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().score(completions, answers)
+
+
+def _killed_worker(rank: int, port: int, run_dir: str, bank_file: str, victim: int) -> None:
+    """The SGSD run of the `runs` fixture, except that rank `victim` dies in step 2."""
+    dist = join_group(rank, port)
+    tok = tiny_tokenizer()
+    verifier = KillingVerifier(at=2) if rank == victim else ParityVerifier()
+    with Trainer(make_cfg(Path(run_dir), Path(bank_file), "sgsd"), model=tiny_random_model(tok, hidden_size=32,
+                 layers=2, seed=1), tokenizer=tok, verifier=verifier, log=lambda s: None, dist=dist) as trainer:
+        trainer.train()
+
+
+def _relaunched_worker(rank: int, port: int, run_dir: str, bank_file: str) -> None:
+    """`--resume auto` in the same output_dir: the newest complete checkpoint, then the rest of the run."""
+    dist = join_group(rank, port)
+    try:
+        tok = tiny_tokenizer()
+        model = tiny_random_model(tok, hidden_size=32, layers=2, seed=2)  # other weights: the checkpoint must win
+        with Trainer(make_cfg(Path(run_dir), Path(bank_file), "sgsd"), model=model, tokenizer=tok,
+                     verifier=ParityVerifier(), log=lambda s: None, dist=dist,
+                     resume=resolve_resume("auto", run_dir, log=lambda s: None)) as trainer:
+            trainer.train()
+        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()},
+                   Path(run_dir).parent / f"relaunched-rank{rank}.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_a_rank_killed_mid_step_then_both_relaunched_resume_bit_exactly(runs, tmp_path):
+    """kill -9 of rank 1 inside step 2, the job torn down, both ranks relaunched with `--resume auto`:
+    the final weights and every logged value equal the uninterrupted 2-process run's, bit for bit.
+
+    Tearing the job down is the launcher's part, as under torchrun, whose elastic agent SIGTERMs
+    the surviving workers when one dies (checked by hand: `torchrun --standalone --nproc_per_node 2`
+    on a script whose rank 1 SIGKILLs itself between two all_reduces ended rank 0 with SIGTERM and
+    exited 1, 3.6 s wall in all); here `mp.spawn`'s join does the same. Gloo on one host also notices
+    a dead peer by itself (in a hand check with two bare processes the survivor's pending all_reduce
+    raised 'Connection reset by peer' after 0.01 s); a collective that cannot notice waits up to
+    COLLECTIVE_TIMEOUT (2 h), which only the launcher's tear-down cuts short.
+    """
+    *_, ranks, root = runs
+    run_dir, bank_file = tmp_path / "run", root / "bank.json"
+    ctx = mp.spawn(_killed_worker, args=(free_port(), str(run_dir), str(bank_file), 1), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 120
+    try:
+        with pytest.raises((mp.ProcessExitedException, mp.ProcessRaisedException)):
+            while not ctx.join(timeout=1):
+                assert time.monotonic() < deadline, "a rank outlived its peer's death by 2 minutes"
+        survivors = [p.pid for p in ctx.processes if p.is_alive()]
+    finally:
+        for p in ctx.processes:  # never leave a rank behind, whatever failed
+            if p.is_alive():
+                p.kill()
+    assert not survivors  # the surviving rank was torn down, not left waiting in a collective
+    assert ctx.processes[1].exitcode == -signal.SIGKILL
+    assert [p.name for p in sorted(run_dir.glob("checkpoint-*"))] == ["checkpoint-1"]
+
+    mp.spawn(_relaunched_worker, args=(free_port(), str(run_dir), str(bank_file)), nprocs=WORLD, join=True)
+    uninterrupted = root / "two" / "sgsd"
+    for rank in range(WORLD):
+        weights = torch.load(tmp_path / f"relaunched-rank{rank}.pt")
+        for name, w in ranks[rank]["sgsd"]["weights"].items():
+            assert torch.equal(weights[name], w), (rank, name)
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [r["step"] for r in read_metrics(uninterrupted / "metrics.jsonl")]
+    assert logged(rows) == logged(read_metrics(uninterrupted / "metrics.jsonl"))
+    assert (run_dir / "completions.jsonl").read_text() == (uninterrupted / "completions.jsonl").read_text()
 
 
 def test_torchrun_train_command_end_to_end(tmp_path):

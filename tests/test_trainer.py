@@ -71,7 +71,7 @@ def comparable(rows):
 
 def test_two_sgsd_steps_end_to_end(tmp_path, bank_file, verifier, tok, monkeypatch):
     scored, student_passes = [], []
-    real_score, real_forward = TeacherPool.score, step_module.forward_hidden
+    real_score, real_forward = TeacherPool.score, step_module.states_and_head
 
     def spy_score(self, prompts, completions, length):
         out = real_score(self, prompts, completions, length)
@@ -83,7 +83,7 @@ def test_two_sgsd_steps_end_to_end(tmp_path, bank_file, verifier, tok, monkeypat
         return real_forward(model, batch)
 
     monkeypatch.setattr(TeacherPool, "score", spy_score)
-    monkeypatch.setattr(step_module, "forward_hidden", spy_forward)
+    monkeypatch.setattr(step_module, "states_and_head", spy_forward)
     model = new_model(tok)
     before = [p.detach().clone() for p in model.parameters()]
     cfg = make_cfg(tmp_path / "run", bank_file, online_update_every=1, online_success_threshold=1.0,

@@ -58,7 +58,7 @@ def _evaluate(ns: argparse.Namespace) -> int:
                           batch_size=cfg.generation_batch_size, seed=cfg.seed,
                           chat_template=cfg.student_chat_template, thinking=cfg.student_thinking,
                           fmt=cfg.answer_format, reject_repetition=cfg.reject_repetition,
-                          share_prefix=cfg.share_prompt_prefix)
+                          share_prefix=cfg.prefix_sharing())
     metrics = result.metrics
     source = ns.checkpoint or cfg.model
     print(f"model: {source}  ({len(problems)} problems from {cfg.eval_dataset!r})")

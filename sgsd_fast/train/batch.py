@@ -9,6 +9,7 @@
   [right pad]`` after a cached prefix, the same attention and positions as the plain layout;
 * `forward_hidden` runs the decoder on it and keeps the final-norm states that predict the
   completion tokens, [B, T, H] (the fused ops take it from there; the lm_head never runs);
+  `states_and_head` adds the lm_head weight, gathered whole when the model is sharded;
 * `TokenMasker` builds the SPEC §3 token mask M_t.
 """
 from __future__ import annotations
@@ -21,8 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from sgsd_fast.models import decoder, prefix_cache, shared_prefix_length
+from sgsd_fast.models import decoder, lm_head_weight, prefix_cache, shared_prefix_length
 from sgsd_fast.ops import IGNORE_INDEX
+from sgsd_fast.train.sharding import through_root
 
 _NEWLINES_ONLY = re.compile(r"\n{1,8}")
 _ADDED_CONTROL = re.compile(r"<\|.*\|>")
@@ -96,10 +98,26 @@ def completion_targets(completions: Sequence[Sequence[int]], length: int,
     return targets.to(device)
 
 
+# A sharded model (FSDP) runs the decoder as its root's forward (`through_root`), which gathers the
+# embeddings and the head; the completion slice is taken after it, because FSDP's backward hook on
+# a view that a forward returns is lost by in-place ops on it (FSDP warns about every such view).
+
+
 def forward_hidden(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
     """Final-norm hidden states [B, T, H] at the positions that predict the completion tokens."""
-    return batch.completion_hidden(rows_hidden(model, batch.input_ids, batch.attention_mask, batch.position_ids,
-                                               batch.prefix_ids))
+    return batch.completion_hidden(through_root(model, lambda: _batch_rows_hidden(model, batch)))
+
+
+def states_and_head(model: nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """`forward_hidden` and the [V, H] lm_head weight the states are scored with, from one pass: for
+    a sharded model the head is read inside its root's forward, gathered whole (and its gradient
+    reduce-scattered to the shards after the backward)."""
+    hidden, head = through_root(model, lambda: (_batch_rows_hidden(model, batch), lm_head_weight(model)))
+    return batch.completion_hidden(hidden), head
+
+
+def _batch_rows_hidden(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
+    return rows_hidden(model, batch.input_ids, batch.attention_mask, batch.position_ids, batch.prefix_ids)
 
 
 def rows_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,

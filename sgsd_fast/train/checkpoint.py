@@ -71,7 +71,7 @@ RESUME_FREE = ("max_steps", "output_dir", "progress", "save_every", "save_total_
                "gradient_checkpointing", "generation_batch_size", "share_prompt_prefix", "teacher_micro_batch_size", "micro_batch_size",
                "skill_bank", "vllm_gpu_memory_utilization", "max_consecutive_skipped_steps", "vllm_mode",
                "vllm_max_model_len", "vllm_enable_sleep_mode", "vllm_server_host", "vllm_server_port",
-               "vllm_group_port")
+               "vllm_group_port", "data_parallel")
 
 
 class CheckpointSaveError(OSError):
@@ -126,11 +126,16 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module, 
                     optimizer: torch.optim.Optimizer, scheduler: Any, trainer_state: dict[str, Any],
                     config_yaml: str, teacher_state: dict[str, torch.Tensor] | None = None,
                     bank_path: str | os.PathLike | None = None, save_total_limit: int | None = None,
-                    rank_rng_states: dict[int, dict[str, Any]] | None = None) -> Path:
+                    rank_rng_states: dict[int, dict[str, Any]] | None = None,
+                    model_state: dict[str, torch.Tensor] | None = None,
+                    optimizer_state: dict[str, Any] | None = None) -> Path:
     """Write checkpoint-<step> atomically and prune old ones; returns its path.
 
     rank_rng_states: the RNG states of ranks >= 1 of a multi-process run (rank 0, the caller,
     writes its own), one file each, so a resume restores every rank's generators.
+    model_state, optimizer_state: whole state dicts to write instead of the model's and the
+    optimizer's own, which hold only this rank's shards under FSDP
+    (`sgsd_fast.train.sharding.full_state_dicts`); the files are the same as an unsharded run's.
 
     Raises CheckpointSaveError (one line, "disk full?") when any part of the save fails; the
     temporary folder is removed first, so a full disk is not kept full by the failed attempt.
@@ -144,7 +149,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module, 
         tmp.mkdir(parents=True)
         _write(tmp, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
                trainer_state={**trainer_state, "step": step}, config_yaml=config_yaml,
-               teacher_state=teacher_state, bank_path=bank_path, rank_rng_states=rank_rng_states or {})
+               teacher_state=teacher_state, bank_path=bank_path, rank_rng_states=rank_rng_states or {},
+               model_state=model_state, optimizer_state=optimizer_state)
         _publish(tmp, final, run / f".checkpoint-{step}.old-{os.getpid()}")
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -162,12 +168,15 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module, 
 
 def _write(tmp: Path, *, model: nn.Module, tokenizer: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
            trainer_state: dict[str, Any], config_yaml: str, teacher_state: dict[str, torch.Tensor] | None,
-           bank_path: str | os.PathLike | None, rank_rng_states: dict[int, dict[str, Any]]) -> None:
+           bank_path: str | os.PathLike | None, rank_rng_states: dict[int, dict[str, Any]],
+           model_state: dict[str, torch.Tensor] | None, optimizer_state: dict[str, Any] | None) -> None:
     """Every file of a checkpoint into `tmp`, the trainer state last, then flushed to disk."""
     with savable(model):
-        model.save_pretrained(tmp / "model", safe_serialization=True)
+        # save_pretrained keeps what a LoRA adapter needs of a given state dict (peft filters it)
+        model.save_pretrained(tmp / "model", safe_serialization=True,
+                              **({} if model_state is None else {"state_dict": model_state}))
     tokenizer.save_pretrained(tmp / "model")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng_state.pt")
     for rank, state in sorted(rank_rng_states.items()):
@@ -458,14 +467,25 @@ def _load_file(file: Path, load: Callable[[Path], Any]) -> Any:
         raise ValueError(f"checkpoint file {str(file)!r} cannot be loaded: {_first_line(err)}") from err
 
 
-def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, rank: int = 0,
-                    log: Callable[[str], None] | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+def load_checkpoint_weights(path: str | os.PathLike, model: nn.Module) -> None:
+    """Load a checkpoint's weights (its model/ folder) into `model`; a failure names the file."""
+    _load_file(Path(path) / "model", lambda f: load_model_weights(model, f))
+
+
+def load_checkpoint(path: str | os.PathLike, *, model: nn.Module | None, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, rank: int = 0, log: Callable[[str], None] | None = None,
+                    load_optimizer: Callable[[dict[str, Any]], None] | None = None,
+                    ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
     """Restore model, optimizer, scheduler and RNG states; return (trainer_state, teacher_state or None).
 
+    model: None when its weights are in place already (`load_checkpoint_weights`; the trainer
+        loads them before sharding or wrapping the model).
     rank: whose RNG file to restore. A checkpoint saved by fewer processes has none for a higher
-    rank; that rank then continues from rank 0's generators (said through `log`): rollouts are
-    seeded per problem in multi-process runs, so this changes no rollout.
+        rank; that rank then continues from rank 0's generators (said through `log`): rollouts are
+        seeded per problem in multi-process runs, so this changes no rollout.
+    load_optimizer: how the saved (whole, unsharded) optimizer state goes into `optimizer`, read
+        onto the CPU (`sgsd_fast.train.sharding.load_full_optimizer_state` moves each rank's shard
+        to its device); default `optimizer.load_state_dict`, on the parameters' device.
     """
     ckpt = Path(path)
     rng_file = ckpt / rank_rng_file(rank)
@@ -473,10 +493,12 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
         if log is not None:
             log(f"notice: {ckpt} holds no RNG state for rank {rank}; it continues from rank 0's")
         rng_file = ckpt / rank_rng_file(0)
-    _load_file(ckpt / "model", lambda f: load_model_weights(model, f))
-    device = next(model.parameters()).device
-    _load_file(ckpt / "optimizer.pt", lambda f: optimizer.load_state_dict(
-        torch.load(f, map_location=device, weights_only=False)))
+    if model is not None:
+        load_checkpoint_weights(ckpt, model)
+    device = optimizer.param_groups[0]["params"][0].device
+    put = optimizer.load_state_dict if load_optimizer is None else load_optimizer
+    _load_file(ckpt / "optimizer.pt", lambda f: put(
+        torch.load(f, map_location=device if load_optimizer is None else "cpu", weights_only=False)))
     _load_file(ckpt / "scheduler.pt", lambda f: scheduler.load_state_dict(torch.load(f, weights_only=False)))
     _load_file(rng_file, lambda f: set_rng_state(torch.load(f, weights_only=False)))
     teacher = None

@@ -20,6 +20,9 @@ DDP (`torch.nn.parallel.DistributedDataParallel`) does the gradient all-reduce. 
 runs through its `forward`, and the fused losses take the decoder's hidden states and the lm_head
 weight directly, so it wraps `HiddenStates`, a module that owns the whole policy (lm_head
 included, so an untied head's gradient is reduced too) and returns the final-norm states.
+With the config's `data_parallel: fsdp` the model is sharded in place instead
+(`sgsd_fast.train.sharding`; no DDP wrapper): FSDP's reduce-scatter averages like DDP, so the
+normalizers, the world-size factor and the rest stay as above.
 """
 from __future__ import annotations
 

@@ -79,7 +79,7 @@ def build_engine(cfg: TrainConfig, model: nn.Module, tokenizer: Any, *, rank: in
                                  distributed=world_size > 1, seed=cfg.seed)
     return HFRolloutEngine(model, tokenizer, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                            top_p=cfg.top_p, top_k=cfg.top_k, batch_size=cfg.generation_batch_size,
-                           share_prefix=cfg.share_prompt_prefix)
+                           share_prefix=cfg.prefix_sharing())
 
 
 def prepare_bank(cfg: TrainConfig, run_dir: Path, start: Path | None = None) -> Path:

@@ -12,7 +12,7 @@ optimizer step) instead of crashing; the trainer counts it.
 
 Data parallel (`sgsd_fast.train.distributed`): each rank holds its share of the batch; the units
 are summed over ranks first, each rank's loss is multiplied by the world size because DDP
-averages the gradients, and the per-micro-batch finiteness decision is taken jointly, so every rank
+(or FSDP's reduce-scatter, for a sharded model) averages the gradients, and the per-micro-batch finiteness decision is taken jointly, so every rank
 runs the same number of backward passes and skips the same steps. The learning-rate schedule still
 advances, so the schedule is a function of the step index alone (and resume stays exact).
 """
@@ -29,7 +29,7 @@ from torch import nn
 
 from sgsd_fast.config import TrainConfig
 from sgsd_fast.models import lm_head_weight
-from sgsd_fast.train.batch import PackedBatch, forward_hidden, pack
+from sgsd_fast.train.batch import PackedBatch, pack, states_and_head
 from sgsd_fast.train.distributed import SINGLE, Distributed, accumulate
 from sgsd_fast.train.objectives import MicroBatch, Objective, Payload
 
@@ -105,11 +105,14 @@ class StepResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def _student_hidden(model: nn.Module, ddp: nn.Module | None, batch: PackedBatch) -> torch.Tensor:
-    """The student's [b, T, H] states: through DDP (which then reduces the gradients) when data parallel."""
+def _student_pass(model: nn.Module, ddp: nn.Module | None, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's [b, T, H] states and the [V, H] lm_head weight they are scored with: through DDP
+    (which then reduces the gradients) when replicated, through the FSDP root (which gathers the head
+    and reduce-scatters every gradient) when sharded, plainly in one process."""
     if ddp is None:
-        return forward_hidden(model, batch)
-    return batch.completion_hidden(ddp(batch.input_ids, batch.attention_mask, batch.position_ids, batch.prefix_ids))
+        return states_and_head(model, batch)
+    hidden = ddp(batch.input_ids, batch.attention_mask, batch.position_ids, batch.prefix_ids)
+    return batch.completion_hidden(hidden), lm_head_weight(model)
 
 
 def update_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
@@ -118,13 +121,13 @@ def update_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: t
     """Accumulate the objective's loss over micro-batches, clip, step the optimizer (unless
     non-finite), advance the lr.
 
-    dist, ddp: data parallel (`Distributed` and its `data_parallel(model)`); `inp` is then this
-    rank's share of the batch, and loss, metrics and the update are those of the whole batch.
+    dist, ddp: data parallel (`Distributed` and its `data_parallel(model)`, None for a model sharded
+    in place by `sgsd_fast.train.sharding`); `inp` is then this rank's share of the batch, and loss,
+    metrics and the update are those of the whole batch.
     """
     b = len(inp.completion_ids)
     length = inp.mask.shape[1]
-    weight = lm_head_weight(model)
-    device = weight.device
+    device = next(model.parameters()).device
     batch_units = max(1, dist.sum_int(objective.units(inp.mask)))
     lr = optimizer.param_groups[0]["lr"]
     optimizer.zero_grad(set_to_none=True)
@@ -132,9 +135,7 @@ def update_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: t
     total_loss, metrics_acc = 0.0, {}
     # A NaN teacher score (or any non-finite input) would poison the loss: skip rather than crash.
     finite = dist.all_true(inp.payload.finite())
-    # Checkpointed layers drop a KV cache in training (transformers replays them without it), so the
-    # student shares its prompt prefix only without gradient checkpointing.
-    share_prefix = cfg.share_prompt_prefix and not cfg.gradient_checkpointing
+    share_prefix = cfg.prefix_sharing(student=True)  # not under gradient checkpointing or FSDP
     starts = list(range(0, b if finite else 0, cfg.micro_batch_size))
     try:
         for b0 in starts:
@@ -142,12 +143,12 @@ def update_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: t
             with accumulate(ddp, sync=b0 == starts[-1]):
                 batch = pack(inp.prompt_ids[sl], inp.completion_ids[sl], pad_id=pad_id, length=length, device=device,
                              share_prefix=share_prefix)
-                hidden = _student_hidden(model, ddp, batch)
+                hidden, head = _student_pass(model, ddp, batch)
                 loss = out = None
                 mask = inp.mask[sl].to(device)
                 if bool(torch.isfinite(hidden).all()):
                     # Any valid id at masked positions: the losses ignore them.
-                    mb = MicroBatch(hidden=hidden, head=weight, targets=batch.targets.clamp(min=0), mask=mask,
+                    mb = MicroBatch(hidden=hidden, head=head, targets=batch.targets.clamp(min=0), mask=mask,
                                     rewards=inp.rewards[sl], rows=sl)
                     out = objective.loss(mb, inp.payload)
                     loss = out.total / batch_units

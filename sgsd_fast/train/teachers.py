@@ -29,6 +29,7 @@ from sgsd_fast.models import is_peft_model, lm_head_weight
 from sgsd_fast.ops import teacher_logprobs
 from sgsd_fast.prompts import AnswerFormat, answer_conditioned_messages, render_prompt, skill_conditioned_messages
 from sgsd_fast.train.batch import completion_targets, forward_hidden, pack
+from sgsd_fast.train.sharding import fsdp_root, through_root
 
 
 def _fields(item: Any) -> dict[str, str] | None:
@@ -178,12 +179,17 @@ class TeacherPool:
 
     @contextlib.contextmanager
     def _scoring(self) -> Iterator[tuple[nn.Module, torch.Tensor]]:
-        """(module in eval mode, its lm_head weight) for the teacher passes; the mode is restored after."""
+        """(module in eval mode, its lm_head weight) for the teacher passes; the mode is restored after.
+
+        A sharded model's head is read inside its root's forward, which gathers it; the root stays
+        gathered until the next backward (`sgsd_fast.train.sharding`), so the head stays whole
+        through the teacher passes here, which run without gradient.
+        """
         with self.params.scoring_model() as model:
             was_training = model.training
             model.eval()
             try:
-                yield model, lm_head_weight(model)
+                yield model, through_root(model, lambda: lm_head_weight(model))
             finally:
                 model.train(was_training)
 
@@ -208,7 +214,10 @@ class TeacherPool:
         with self._scoring() as (model, head):
             chunks = [self._states(model, teacher_prompts[sl], completions[sl], length, head.device)
                       for sl in self._micro_batches(len(completions))]
-        return torch.cat(chunks), head.detach()
+            # A sharded root frees its gathered head at each micro-batch's backward, and the loss
+            # reads this one in every micro-batch: a copy of its own.
+            head = head.detach().clone() if fsdp_root(model) is not None else head.detach()
+        return torch.cat(chunks), head
 
     @torch.no_grad()
     def score(self, teacher_prompts: Sequence[Sequence[Sequence[int]]], completions: Sequence[Sequence[int]],

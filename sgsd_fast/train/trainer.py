@@ -21,10 +21,11 @@ as an uninterrupted run.
 Under torchrun / accelerate launch (`sgsd_fast.train.distributed`) every rank runs this loop on
 its slice of each step's problems (whole problems: a GRPO group never spans ranks) with the
 rollouts seeded per problem, so the rollouts, the loss and the update are those of one process on
-the whole batch. Per-rollout results are gathered for the metrics, the SGSD batch baseline and
-online evolution; rank 0 alone creates the run directory (its path is broadcast), writes logs,
-checkpoints (with every rank's RNG state), plots and the skill bank. Every rank evaluates the
-whole held-out set (the same greedy / seeded results; rank 0 writes them).
+the whole batch; the model is replicated (DDP) or, with `data_parallel: fsdp`, sharded over the
+ranks (`sgsd_fast.train.sharding`). Per-rollout results are gathered for the metrics, the SGSD
+batch baseline and online evolution; rank 0 alone creates the run directory (its path is
+broadcast), writes logs, checkpoints (with every rank's RNG state), plots and the skill bank.
+Every rank evaluates the whole held-out set (the same greedy / seeded results; rank 0 writes them).
 """
 from __future__ import annotations
 
@@ -51,13 +52,15 @@ from sgsd_fast.prompts import render_prompt, student_prompts
 from sgsd_fast.rollout import HFRolloutEngine, generate_groups, group_seed
 from sgsd_fast.skills import OnlineEvolver, SkillBank
 from sgsd_fast.train.batch import TokenMasker
-from sgsd_fast.train.checkpoint import check_resume, clean_stale_saves, load_checkpoint, rng_state, save_checkpoint
+from sgsd_fast.train.checkpoint import (check_resume, clean_stale_saves, load_checkpoint, load_checkpoint_weights,
+                                        rng_state, save_checkpoint)
 from sgsd_fast.train.distributed import Distributed
 from sgsd_fast.train.evaluate import eval_records_path, evaluate, read_records, record_clusters, write_records
 from sgsd_fast.train.metrics import PLOT_FILE, MetricsLogger, plot_curves
 from sgsd_fast.train.objectives import Rollouts, get_objective
 from sgsd_fast.train.setup import (BANK_FILE, build_engine, build_model, build_retriever, build_verifier,
                                    load_eval_problems, load_train_problems, lora_settings, prepare_bank)
+from sgsd_fast.train.sharding import full_state_dicts, load_full_optimizer_state, shard_policy
 from sgsd_fast.train.stats import paired_comparison
 from sgsd_fast.train.step import StepInputs, build_optimizer, build_scheduler, update_step
 from sgsd_fast.train.teachers import TeacherPool
@@ -138,8 +141,16 @@ class Trainer:
             model, tokenizer = build_model(cfg, device=str(dist.device) if dist.enabled else cfg.device)
         elif cfg.use_peft and not is_peft_model(model):
             model = apply_lora(model, lora_settings(cfg))
+        if resume is not None:
+            # Before any wrapping: FSDP shards what each rank holds, DDP broadcasts what rank 0 holds.
+            load_checkpoint_weights(resume, model)
         self.model, self.tokenizer = model.eval(), tokenizer
         self.device = next(model.parameters()).device
+        # Sharded before anything keeps a parameter (the optimizer): sharding replaces every one.
+        self.sharded = dist.enabled and cfg.data_parallel == "fsdp"
+        if self.sharded:
+            shard_policy(model, device=dist.device, world_size=dist.world_size,
+                         param_dtype=getattr(torch, cfg.fsdp_param_dtype) if cfg.fsdp_param_dtype else None)
 
         self._owns_verifier = verifier is None
         self.verifier = verifier or build_verifier(cfg)
@@ -149,7 +160,7 @@ class Trainer:
                                     micro_batch_size=cfg.teacher_micro_batch_size,
                                     chat_template=cfg.teacher_chat_template, thinking=cfg.teacher_thinking,
                                     temperature=cfg.logprob_temperature, fmt=cfg.answer_format,
-                                    share_prefix=cfg.share_prompt_prefix) if objective_cls.needs_teachers else None
+                                    share_prefix=cfg.prefix_sharing()) if objective_cls.needs_teachers else None
         self.masker = TokenMasker(tokenizer, keep_eos=objective_cls.keep_eos)
         self.optimizer = build_optimizer(model.parameters(), cfg, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg)
@@ -158,12 +169,15 @@ class Trainer:
         self.state: dict[str, Any] = {"history": [], "skipped_steps": 0, "verifier_timeouts": 0,
                                       "online_updates": 0}
         if resume is not None:
-            self.state, teacher_state = load_checkpoint(resume, model=model, optimizer=self.optimizer,
-                                                        scheduler=self.scheduler, rank=dist.rank, log=log)
+            load_optimizer = ((lambda state: load_full_optimizer_state(model, self.optimizer, state))
+                              if self.sharded else None)
+            self.state, teacher_state = load_checkpoint(resume, model=None, optimizer=self.optimizer,
+                                                        scheduler=self.scheduler, rank=dist.rank, log=log,
+                                                        load_optimizer=load_optimizer)
             if teacher_state is not None and self.teachers is not None:
                 self.teachers.params.load_state_dict(teacher_state)
         # After the resume load: DDP starts every replica from rank 0's weights.
-        self.ddp = dist.data_parallel(model)
+        self.ddp = None if self.sharded else dist.data_parallel(model)
         if self.bank_path is not None:
             self.bank = SkillBank(self.bank_path, read_only=not dist.is_main)
             self.retriever = build_retriever(cfg, self.bank, model, tokenizer)
@@ -238,7 +252,7 @@ class Trainer:
     def _generate_text(self, prompts: list[str]) -> list[str]:
         """Greedy generation with the current policy: the LLM that writes online skill/mistake notes."""
         engine = HFRolloutEngine(self.model, self.tokenizer, max_new_tokens=self.cfg.online_max_new_tokens,
-                                 batch_size=self.cfg.generation_batch_size, share_prefix=self.cfg.share_prompt_prefix)
+                                 batch_size=self.cfg.generation_batch_size, share_prefix=self.cfg.prefix_sharing())
         return engine.generate(prompts, greedy=True).completion_texts
 
     def batch_problems(self, step: int) -> list[Problem]:
@@ -263,7 +277,7 @@ class Trainer:
                           batch_size=cfg.generation_batch_size, seed=cfg.seed + 10**6 + step,
                           chat_template=cfg.student_chat_template, thinking=cfg.student_thinking,
                           fmt=cfg.answer_format, reject_repetition=cfg.reject_repetition,
-                          share_prefix=cfg.share_prompt_prefix)
+                          share_prefix=cfg.prefix_sharing())
         metrics = result.metrics
         if self.dist.is_main:
             write_records(eval_records_path(self.run_dir, step), result.records)
@@ -275,14 +289,19 @@ class Trainer:
         return metrics
 
     def _save(self, step: int) -> Path:
-        """Checkpoint `step` on rank 0 with every rank's RNG state; a failure is raised on every rank."""
+        """Checkpoint `step` on rank 0 with every rank's RNG state; a failure is raised on every rank.
+
+        A sharded model's whole weights and optimizer state are gathered first, by every rank."""
         states = self.dist.gather(rng_state())
-        path = self.dist.on_main(lambda: self._save_main(step, dict(enumerate(states))))
+        whole = full_state_dicts(self.model, self.optimizer) if self.sharded else (None, None)
+        path = self.dist.on_main(lambda: self._save_main(step, dict(enumerate(states)), *whole))
         self.state["last_checkpoint"] = str(path)
         return path
 
-    def _save_main(self, step: int, rank_rng_states: dict[int, dict[str, Any]]) -> Path:
-        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+    def _save_main(self, step: int, rank_rng_states: dict[int, dict[str, Any]],
+                   model_state: dict[str, torch.Tensor] | None, optimizer_state: dict[str, Any] | None) -> Path:
+        weights = self.model.parameters() if model_state is None else model_state.values()
+        if not all(bool(torch.isfinite(w).all()) for w in weights):
             raise TrainingDiverged(f"the weights hold inf/NaN values at step {step}; not saving them "
                                    f"(the last checkpoint in {str(self.run_dir)!r} is kept)")
         path = save_checkpoint(self.run_dir, step, model=self.model, tokenizer=self.tokenizer,
@@ -290,7 +309,8 @@ class Trainer:
                                config_yaml=self.cfg.to_yaml(),
                                teacher_state=self.teachers.params.state_dict() if self.teachers else None,
                                bank_path=self.bank_path, save_total_limit=self.cfg.save_total_limit,
-                               rank_rng_states={r: st for r, st in rank_rng_states.items() if r > 0})
+                               rank_rng_states={r: st for r, st in rank_rng_states.items() if r > 0},
+                               model_state=model_state, optimizer_state=optimizer_state)
         return path
 
     # ---- one step ----------------------------------------------------------------------------
