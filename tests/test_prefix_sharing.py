@@ -171,3 +171,13 @@ def test_student_update_matches(tok, checkpointing):
         # the rows' gradients before the prefix's norm backward instead of after: the two differ by
         # float32 rounding (measured: 1e-7 of the largest entry, in the first layer only).
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6 * float(b.abs().max()))
+
+
+def test_which_passes_share_the_prefix():
+    assert TrainConfig().prefix_sharing() and TrainConfig().prefix_sharing(student=True)
+    checkpointed = TrainConfig(gradient_checkpointing=True)
+    assert checkpointed.prefix_sharing() and not checkpointed.prefix_sharing(student=True)
+    # Under FSDP every forward is a collective; whether a batch has a prefix depends on the rank's prompts.
+    fsdp = TrainConfig(data_parallel="fsdp")
+    assert not fsdp.prefix_sharing() and not fsdp.prefix_sharing(student=True)
+    assert not TrainConfig(share_prompt_prefix=False).prefix_sharing()
