@@ -2,7 +2,7 @@
 
 * `pack` lays a batch out as ``[left pad][prompt][completion][right pad]`` so every completion
   starts at the same column and the position ids, taken from the cumulative attention mask,
-  continue from the prompt without a gap (SPEC §1: the teacher scores the identical ids);
+  continue from the prompt without a gap (SPEC §1: the teacher scores the identical ids).
   With ``share_prefix`` the tokens every prompt of the batch starts with (the chat system prompt,
   the worked example, the teacher preamble) are taken out of the rows and run once
   (`sgsd_fast.models.prefix_cache`): the rows become ``[left pad][rest of prompt][completion]
@@ -70,7 +70,7 @@ def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
     if t < 1 or any(len(c) > t for c in completions):
         raise ValueError(f"length={t} must be >= 1 and >= every completion's length")
     shared = shared_prefix_length(prompts) if share_prefix else 0
-    prefix = list(prompts[0][:shared])
+    prefix_ids = torch.tensor(list(prompts[0][:shared]), dtype=torch.long, device=device) if shared else None
     prompts = [x[shared:] for x in prompts]
     p = max(len(x) for x in prompts)
     b = len(prompts)
@@ -85,7 +85,6 @@ def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
     # the left padding, exactly as in an unpadded forward.
     att = torch.cat([torch.ones((b, shared), dtype=torch.long), att], dim=1)
     pos = (att.cumsum(-1) - 1).clamp(min=0)[:, shared:]
-    prefix_ids = torch.tensor(prefix, dtype=torch.long, device=device) if shared else None
     return PackedBatch(ids.to(device), att.to(device), pos.to(device), targets.to(device), p, prefix_ids)
 
 

@@ -11,9 +11,10 @@ A non-finite loss, hidden state or gradient norm skips the update (gradients dro
 optimizer step) instead of crashing; the trainer counts it.
 
 Data parallel (`sgsd_fast.train.distributed`): each rank holds its share of the batch; the units
-are summed over ranks first, each rank's loss is multiplied by the world size because DDP
-(or FSDP's reduce-scatter, for a sharded model) averages the gradients, and the per-micro-batch finiteness decision is taken jointly, so every rank
-runs the same number of backward passes and skips the same steps. The learning-rate schedule still
+are summed over ranks first, each rank's loss is multiplied by the world size because DDP (or
+FSDP's reduce-scatter, for a sharded model) averages the gradients, and the per-micro-batch
+finiteness decision is taken jointly, so every rank runs the same number of backward passes and
+skips the same steps. The learning-rate schedule still
 advances, so the schedule is a function of the step index alone (and resume stays exact).
 """
 from __future__ import annotations
