@@ -133,6 +133,32 @@ def test_saved_activations_match_autograd(model_type, dtype, lora):
     assert totals[0] - (per_token * batch * length + mask) == outside
 
 
+def test_qlora_weights_and_activations_match_a_4bit_model(tmp_path):
+    """NF4 base (bitsandbytes, on CPU, bf16 compute as on a GPU): the packed weights + absmax bytes, and
+    the saved activations of LoRA on its residual stream, which is fp32 whatever the compute dtype:
+    prepare_model_for_kbit_training upcasts the embeddings (and norms, lm_head), so are the KV cache."""
+    pytest.importorskip("bitsandbytes")
+    from sgsd_fast.models import load_model_and_tokenizer, tiny_tokenizer
+
+    totals, r = [], 4
+    for layers in (1, 2):
+        _tiny("llama", layers).save_pretrained(tmp_path / str(layers))
+        tiny_tokenizer().save_pretrained(tmp_path / str(layers))
+        model, _ = load_model_and_tokenizer(str(tmp_path / str(layers)), dtype="bfloat16", device="cpu",
+                                            load_in_4bit=True, lora=LoraSettings(r=r, alpha=8), local_files_only=True)
+        totals.append(_saved_bytes(model.train(), 2, 24))
+    cache = decoder(model)(input_ids=torch.zeros(1, 4, dtype=torch.long), use_cache=True).past_key_values
+    assert cache.layers[0].keys.dtype == torch.float32  # 4 bytes per KV element, as the plan counts
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    states = [t for p in frozen if getattr(p, "quant_state", None) is not None
+              for t in (p.quant_state.absmax, p.quant_state.state2.absmax)]
+    shape = shape_from_config(model.config)
+    assert weight_bytes(shape, 4, "4bit") == _unique_bytes(frozen + states)
+    per_token = saved_bytes_per_token(shape, 4, trains_weights=False, lora=lora_targets(plan_settings({}).cfg),
+                                      lora_r=r, quant="4bit")
+    assert totals[1] - totals[0] == per_token * 2 * 24 + 2 * 24 * 24 * 4
+
+
 def test_optimizer_state_bytes():
     assert optimizer_state_bytes([10, 5000], 4, "adamw_torch") == 8 * 5010
     # bitsandbytes: fp32 states below 4096 elements; uint8 states + fp32 absmax per 256 + maps above
@@ -150,7 +176,8 @@ def test_memory_grows_with_the_rollout_and_quantization_saves_it():
     with_ckpt = estimate(QWEN3_1P7B, plan_settings({"gradient_checkpointing": True, "max_new_tokens": 2048}))
     without = estimate(QWEN3_1P7B, plan_settings({"gradient_checkpointing": False, "max_new_tokens": 2048}))
     assert with_ckpt.phases["update"] < without.phases["update"]
-    assert with_ckpt.details["activations_without_checkpointing"] == without.details["activations_without_checkpointing"]
+    key = "activations_without_checkpointing"
+    assert with_ckpt.details[key] == without.details[key]
     full = estimate(QWEN3_1P7B, plan_settings({"use_peft": False, "teacher_params": "frozen"}))
     names = {c.name: c.bytes for c in full.components}
     assert names["teacher copy"] == names["base weights"]  # a frozen teacher without LoRA is a full copy

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _plan(ns: argparse.Namespace) -> None:
-    from sgsd_fast.config import TrainConfig, canonical_fields, read_yaml
+    from sgsd_fast.config import DEPRECATED_FIELDS, TrainConfig, canonical_fields, read_yaml
     from sgsd_fast.train.plan import PLAN_FIELDS, estimate, format_plan, largest_rollout, plan_settings
     from sgsd_fast.train.shapes import resolve_model_shape
 
@@ -56,7 +56,8 @@ def _plan(ns: argparse.Namespace) -> None:
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(f"--config: unknown config field(s) {unknown} in {ns.config!r}")
-    values.update(canonical_fields({k: v for k, v in vars(ns).items() if k in PLAN_FIELDS}))
+    flags = set(PLAN_FIELDS) | set(DEPRECATED_FIELDS)  # an old flag name is renamed, with its warning
+    values.update(canonical_fields({k: v for k, v in vars(ns).items() if k in flags}))
     settings = plan_settings(values, prompt_length=ns.prompt_length, teacher_prompt_length=ns.teacher_prompt_length,
                              gpu_memory_gb=ns.gpu_memory_gb)
     shape = resolve_model_shape(settings.cfg.model)

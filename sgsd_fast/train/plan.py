@@ -1,8 +1,9 @@
 """Expected peak memory of one training process, by component, from the model config alone.
 
     settings = plan_settings({"model": "Qwen/Qwen3-1.7B", "max_new_tokens": 4096, "load_in_4bit": True})
-    plan = estimate(resolve_model_shape(settings.cfg.model), settings)     # a MemoryPlan, bytes
-    longest = largest_rollout(shape, settings)                            # max_new_tokens that fits
+    shape = resolve_model_shape(settings.cfg.model)      # sgsd_fast.train.shapes: sizes from the config
+    plan = estimate(shape, settings)                     # a MemoryPlan, in bytes
+    longest, at_context_limit = largest_rollout(shape, settings)   # the max_new_tokens that still fits
 
 What coexists (how `Trainer.train_step` runs, `sgsd_fast.train.trainer`):
 
@@ -13,7 +14,9 @@ What coexists (how `Trainer.train_step` runs, `sgsd_fast.train.trainer`):
   the evaluation batch and length), teachers (no-grad forwards of `teacher_micro_batch_size`
   sequences, one teacher at a time, each reduced to log-probs at once), update (gradients, which
   ``zero_grad(set_to_none=True)`` frees after the step, plus one micro-batch's activations and the
-  fused loss workspace; or the optimizer step).
+  fused loss workspace; or the optimizer step). With several micro-batches all gradients exist
+  while the later ones run; with one, each block's gradients appear as its backward frees its
+  activations, so they overlap as max(activations, gradients).
 
 peak allocated = static + the largest phase; what the card must hold adds the CUDA context and a
 fragmentation margin. Every rollout is assumed to reach `max_new_tokens` (the micro-batch pads to its
@@ -37,6 +40,10 @@ Numbers and where they come from:
   trained (full fine-tuning).
 * CUDA context: `CUDA_CONTEXT_BYTES`; caching-allocator fragmentation: `FRAGMENTATION` of the phase.
   Both are assumptions (typical values), not measured here.
+
+Checked on CPU against measured peak memory of real training steps (benchmarks/plan_validation.py,
+results in benchmarks/results/plan_validation.md); LLM.int8 bases and the GPU-only pieces (the
+Triton workspace, flash-attn, the CUDA context) are modelled from the code, not measured.
 """
 from __future__ import annotations
 
@@ -467,37 +474,44 @@ def estimate(shape: ModelShape, settings: PlanSettings, *, max_new_tokens: int |
     # Backward through one block: the gradients of its MLP and residual stream (fp32 in the LoRA path).
     g = 4 if cfg.use_peft else a
     block_grads = g * (2 * shape.intermediate_size + 2 * shape.hidden_size) * micro * length
-    embed_grad = shape.vocab_size * shape.hidden_size * w if not cfg.use_peft else 0
+    embed_grad = shape.vocab_size * shape.hidden_size * w if not cfg.use_peft else 0  # dense [V, H]
     # A tied lm_head's gradient from the loss waits for the embedding's before both are summed.
     head_held = embed_grad if shape.tied else 0
+    layer_grads = grads - embed_grad * (1 if shape.tied else 2)
+    # With several micro-batches every gradient exists while the later ones run; with one, each block's
+    # gradients appear as its backward frees its activations, so the two overlap only as max(A, G).
+    accumulates = rollouts > micro
     step_tmp = 0
     if r["optim"] == "adamw_torch":
         # torch's foreach AdamW (the CUDA default) allocates one sqrt(v) per parameter at once.
         step_tmp = param_bytes * (sum(trainable) if r["device"] == "cuda" else max(trainable))
+    grad_note = "fp32 adapter grads" if cfg.use_peft else f"{r['dtype']} grads"
+    all_grads = Component("gradients", "", grads, grad_note + (", kept across micro-batches" if accumulates else ""))
+    no_grads = Component("gradients", "", 0, "not yet (one micro-batch: created in the backward)")
+    early = all_grads if accumulates else no_grads
+    act = Component("activations", "", acts, f"micro-batch {micro} x {length} tokens, "
+                    f"{'with' if cfg.gradient_checkpointing else 'without'} checkpointing")
+    block = Component("backward transient", "", block_grads + head_held,
+                      "one block's gradients" + (" + the tied lm_head's, held" if head_held else ""))
     moments = {
-        "loss forward": loss["forward"] + acts,
-        "loss backward": loss["backward"] + acts,
-        "block backward": block_grads + head_held + acts,
-        "embedding backward": embed_grad + head_held,
-        "optimizer step": step_tmp,
+        "loss forward": [early, act, Component("loss workspace", "", loss["forward"],
+                                               f"fused log-probs of {micro * t} tokens, no N x V logits")],
+        "loss backward": [early, act, Component("loss workspace", "", loss["backward"],
+                                                f"fused backward of {micro * t} tokens" +
+                                                (" + lm_head gradient" if loss["head_grad"] else ""))],
+        "block backward": [all_grads if accumulates else
+                           Component("gradients", "", max(0, layer_grads - acts) + (0 if shape.tied else embed_grad),
+                                     grad_note + ", as the backward frees activations"), act, block],
+        "embedding backward": [all_grads, Component("embedding gradient", "", (embed_grad if accumulates or shape.tied
+                                                                               else 0) + (head_held if accumulates
+                                                                                          else 0),
+                                                    "dense [V, H] before it is summed into .grad")],
+        "optimizer step": [all_grads, Component("optimizer step", "", step_tmp, "foreach AdamW: sqrt(v) of all")],
     }
-    moment = max(moments, key=moments.get)
-    update = [Component("gradients", "", grads, "fp32 adapter grads" if cfg.use_peft else f"{r['dtype']} grads")]
+    moment = max(moments, key=lambda m: sum(c.bytes for c in moments[m]))
+    update = list(moments[moment])
     if opsd_payload:
         update.append(Component("teacher hidden states", "", opsd_payload, "OPSD payload, all rollouts"))
-    if moment in ("loss forward", "loss backward", "block backward"):
-        update.append(Component("activations", "", acts,
-                                f"micro-batch {micro} x {length} tokens, "
-                                f"{'with' if cfg.gradient_checkpointing else 'without'} checkpointing"))
-        workspace = moments[moment] - acts
-        notes = {"loss forward": f"fused log-probs of {micro * t} tokens, no N x V logits",
-                 "loss backward": f"fused backward of {micro * t} tokens" +
-                                  (" + lm_head gradient" if loss["head_grad"] else ""),
-                 "block backward": "one block's gradients" + (" + the tied lm_head's" if head_held else "")}
-        update.append(Component({"loss forward": "loss workspace", "loss backward": "loss workspace"}.get(
-            moment, "backward transient"), "", workspace, notes[moment]))
-    else:
-        update.append(Component(moment, "", moments[moment], ""))
     phases["update"] = update
 
     totals = {name: sum(c.bytes for c in cs) for name, cs in phases.items()}
@@ -516,6 +530,7 @@ def estimate(shape: ModelShape, settings: PlanSettings, *, max_new_tokens: int |
         "teacher_prompt_length": settings.teacher_prompt, "rollouts_per_step": rollouts,
         "generation_batch": gen_b, "evaluation_batch": eval_b, "micro_batch": micro,
         "update_moment": moment,
+        "update_moments": {m: sum(c.bytes for c in cs) for m, cs in moments.items()},
         "activations_with_checkpointing": acts if cfg.gradient_checkpointing else other,
         "activations_without_checkpointing": other if cfg.gradient_checkpointing else acts,
         "naive_logits_bytes": loss["naive"], "head_grad_bytes": loss["head_grad"],
@@ -530,11 +545,12 @@ def estimate(shape: ModelShape, settings: PlanSettings, *, max_new_tokens: int |
 def largest_rollout(shape: ModelShape, settings: PlanSettings) -> tuple[int, bool]:
     """(largest max_new_tokens whose plan fits the card, whether that is the search cap), by bisection.
 
-    The cap is the model's context minus the longest prompt (2**20 tokens when the config gives no
-    limit); (0, False) when not even one token fits. Memory grows with the rollout length in every
-    component, so the fit is monotone and bisection is exact.
+    The cap is the model's context minus the longest prompt, the teachers' when the method has them
+    (2**20 tokens when the config gives no limit); (0, False) when not even one token fits. Memory
+    grows with the rollout length in every component, so the fit is monotone and bisection is exact.
     """
-    prompt = max(settings.prompt_length, settings.teacher_prompt)
+    teachers = settings.cfg.method in _TEACHER_METHODS
+    prompt = max(settings.prompt_length, settings.teacher_prompt if teachers else 0)
     cap = (shape.max_positions - prompt) if shape.max_positions else 2**20
     if cap < 1 or not estimate(shape, settings, max_new_tokens=1).fits:
         return 0, False
@@ -560,10 +576,10 @@ def format_plan(plan: MemoryPlan, longest: tuple[int, bool] | None = None) -> st
     lines = [f"memory plan: {plan.model} | {d['dtype']}{' ' + d['quant'] if d['quant'] else ''}, {d['optim']}, "
              f"{d['device']} | prompt {d['prompt_length']} + rollout {d['max_new_tokens']} tokens, "
              f"teacher prompt {d['teacher_prompt_length']}",
-             "", f"{'component':<28} {'phase':<11} {'GiB':>8}  note"]
+             "", f"{'component':<22} {'phase':<12} {'GiB':>7}  note (* = the peak phase)"]
     for c in plan.components:
-        peak = " *" if c.phase == plan.peak_phase else ""
-        lines.append(f"{c.name:<28} {c.phase + peak:<11} {_gib(c.bytes):>8.3f}  {c.note}")
+        peak = "*" if c.phase == plan.peak_phase else ""
+        lines.append(f"{c.name:<22} {c.phase + peak:<12} {_gib(c.bytes):>7.3f}  {c.note}")
     lines += ["", "phases on top of static (GiB): " + ", ".join(
         f"{name} {_gib(b):.2f}{' (peak)' if name == plan.peak_phase else ''}" for name, b in plan.phases.items()),
         f"activations of the micro-batch: {_gib(d['activations_without_checkpointing']):.2f} GiB without "
