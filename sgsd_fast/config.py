@@ -20,7 +20,7 @@ import os
 import types
 import typing
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -640,12 +640,13 @@ def _check_types(cfg: TrainConfig) -> None:
 # ---- command line ----------------------------------------------------------------------------
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, only: Collection[str] | None = None) -> None:
     """One `--field VALUE` option per config field, defaults suppressed so only given ones override.
 
     As in HfArgumentParser: a bare boolean flag means true (`--use_peft`), list fields and the
     comma-list fields take several values (`--lora_target_modules q_proj v_proj`), and the
     `ALIASES` are extra spellings of the same option (listed in --help next to ours).
+    only: the fields to offer (default all), for commands that read a few (`sgsd-fast plan`).
     """
     hints = typing.get_type_hints(TrainConfig)
     aliases: dict[str, list[str]] = {}
@@ -653,6 +654,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         aliases.setdefault(name, []).append(f"--{alias}")
     group = parser.add_argument_group("config fields (override the YAML file; HF/TRL aliases after a comma)")
     for f in dataclasses.fields(TrainConfig):
+        if only is not None and f.name not in only:
+            continue
         inner, optional = _base_type(hints[f.name])
         is_list = typing.get_origin(inner) is list or f.metadata.get("multi", False)
         metavar = "VALUE" if is_list else {bool: "true|false", int: "INT", float: "FLOAT", str: "STR"}[inner]
@@ -664,6 +667,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                            metavar=metavar, help=f"{f.metadata['help']} (default: {default})".replace("%", "%%"),
                            **kw)
     for old, new in DEPRECATED_FIELDS.items():
+        if only is not None and new not in only:
+            continue
         group.add_argument(f"--{old}", dest=old, default=argparse.SUPPRESS, metavar="STR",
                            help=f"Deprecated alias of --{new}.")
 

@@ -18,6 +18,7 @@ COMMANDS = {
     "compare": ("sgsd_fast.commands.compare", "Train several methods at equal budget; paired accuracy table."),
     "skills": ("sgsd_fast.commands.skills", "Build, inspect, import/export and diff skill banks."),
     "bench": ("sgsd_fast.commands.bench", "Run a benchmark preset: fused kernels vs naive vs peers."),
+    "plan": ("sgsd_fast.commands.plan", "Expected peak GPU memory by component; the longest rollout that fits."),
 }
 
 
