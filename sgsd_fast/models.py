@@ -213,13 +213,22 @@ def _to_peft_config(lora: Any) -> Any:
     )
 
 
-def _enable_checkpointing(model: nn.Module) -> None:
+def enable_checkpointing(model: nn.Module) -> None:
     """Non-reentrant activation checkpointing (transformers 5 renamed the method; 4.x has the old name)."""
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def checkpointing_enabled(model: nn.Module) -> bool:
+    """Whether a Hugging Face model (or a peft wrapper of one) recomputes activations in backward."""
+    base = model.get_base_model() if is_peft_model(model) else model
+    flag = getattr(base, "is_activation_checkpointing", None)  # transformers 5; 4.x: the old name
+    if flag is None:
+        flag = getattr(base, "is_gradient_checkpointing", False)
+    return bool(flag)
 
 
 def _quantization_config(load_in_4bit: bool, load_in_8bit: bool, compute_dtype: torch.dtype) -> Any:
@@ -336,7 +345,7 @@ def load_model_and_tokenizer(
         lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
         _one_4bit_kernel(lm)
     if gradient_checkpointing:
-        _enable_checkpointing(lm)
+        enable_checkpointing(lm)
     if peft_config is not None:
         lm = apply_lora(lm, peft_config, gradient_checkpointing=gradient_checkpointing)
     return lm, tokenizer

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sgsd_fast.config import TrainConfig
-from sgsd_fast.models import _enable_checkpointing, apply_lora, shared_prefix_length, tiny_random_model, tiny_tokenizer
+from sgsd_fast.models import enable_checkpointing, apply_lora, shared_prefix_length, tiny_random_model, tiny_tokenizer
 from sgsd_fast.rollout import HFRolloutEngine
 from sgsd_fast.train.batch import TokenMasker, forward_hidden, pack
 from sgsd_fast.train.objectives import get_objective
@@ -127,7 +127,7 @@ def test_generation_matches(tok, greedy):
 def _grads(tok, *, share: bool, checkpointing: bool) -> tuple[float, list[torch.Tensor]]:
     model = spread_model()
     if checkpointing:
-        _enable_checkpointing(model)
+        enable_checkpointing(model)
     model = apply_lora(model, {"r": 4, "alpha": 8}, gradient_checkpointing=checkpointing)
     with torch.no_grad():  # seeded adapters (peft draws lora_A from the global RNG), lora_B non-zero
         g = torch.Generator().manual_seed(0)

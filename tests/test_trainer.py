@@ -269,3 +269,31 @@ def test_grpo_end_to_end(tmp_path, bank_file, tok, monkeypatch):
         assert prompts[0] == prompts[1] and prompts[2] == prompts[3] and prompts[1] != prompts[2]
     assert any(c[0] != c[1] or c[2] != c[3] for _, c in train_batches)  # a group's rollouts differ
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_handed_model_gets_the_configured_checkpointing(tmp_path, bank_file, verifier, tok):
+    """A model object handed to the Trainer is set up like a loaded one: gradient_checkpointing
+    enabled on it, LoRA on top with inputs that carry grad (else checkpointed blocks would give the
+    adapters no gradient and the step would silently train nothing)."""
+    from sgsd_fast.models import checkpointing_enabled
+    model = new_model(tok)
+    cfg = make_cfg(tmp_path / "run", bank_file, max_steps=1, gradient_checkpointing=True, use_peft=True,
+                   lora_target_modules="q_proj,v_proj", learning_rate=5e-2)
+    assert not checkpointing_enabled(model)
+    with Trainer(cfg, model=model, tokenizer=tok, verifier=verifier, log=lambda s: None) as trainer:
+        assert checkpointing_enabled(trainer.model)
+        lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+        assert lora and all(p.requires_grad for n, p in trainer.model.named_parameters() if "lora_" in n)
+        trainer.train()
+        moved = [n for n, p in trainer.model.named_parameters() if n in lora and not torch.equal(p, lora[n])]
+    assert moved, "no LoRA weight changed under gradient checkpointing"
+
+
+def test_handed_model_checkpointing_must_match_the_config(tmp_path, bank_file, verifier, tok):
+    from sgsd_fast.models import enable_checkpointing
+    model = new_model(tok)
+    enable_checkpointing(model)
+    cfg = make_cfg(tmp_path / "run", bank_file, max_steps=1)
+    with pytest.raises(ValueError, match="config field 'gradient_checkpointing' is false"):
+        Trainer(cfg, model=model, tokenizer=tok, verifier=verifier, log=lambda s: None)
+    assert not (tmp_path / "run").exists(), "refused before the run directory was made"

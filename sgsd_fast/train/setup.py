@@ -12,7 +12,8 @@ from torch import nn
 
 from sgsd_fast.config import TrainConfig
 from sgsd_fast.data import Problem, generate_problems, load_problems
-from sgsd_fast.models import LoraSettings, load_model_and_tokenizer
+from sgsd_fast.models import (LoraSettings, apply_lora, checkpointing_enabled, enable_checkpointing, is_peft_model,
+                              load_model_and_tokenizer)
 from sgsd_fast.rollout import HFRolloutEngine, RolloutEngine, VLLMRolloutEngine, VLLMServerEngine
 from sgsd_fast.skills import Retriever, SkillBank, make_encoder, starter_bank_path
 from sgsd_fast.skills.store import remove_bank_files
@@ -37,6 +38,29 @@ def build_model(cfg: TrainConfig, *, device: str | None = None) -> tuple[nn.Modu
                                     attn_implementation=cfg.attn_implementation,
                                     gradient_checkpointing=cfg.gradient_checkpointing, lora=lora, liger=cfg.liger,
                                     load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit)
+
+
+def check_handed_model(cfg: TrainConfig, model: nn.Module) -> None:
+    """Refuse a model object whose checkpointing contradicts the config (before the run directory exists).
+
+    Prompt-prefix sharing is off for a checkpointed student (`TrainConfig.prefix_sharing`), so a
+    model that already recomputes activations while `gradient_checkpointing` is false would train
+    on gradients without the prefix's contribution; that is refused rather than guessed.
+    """
+    if checkpointing_enabled(model) and not cfg.gradient_checkpointing:
+        raise ValueError("config field 'gradient_checkpointing' is false but the model passed to the Trainer has "
+                         "activation checkpointing enabled; set gradient_checkpointing: true (or disable it on the "
+                         "model)")
+
+
+def adopt_model(cfg: TrainConfig, model: nn.Module) -> nn.Module:
+    """A model handed to the Trainer (checked by `check_handed_model`), set up as `build_model` would:
+    checkpointing, then LoRA (after seeding: the adapter's initialization draws random numbers)."""
+    if cfg.gradient_checkpointing and not checkpointing_enabled(model):
+        enable_checkpointing(model)
+    if cfg.use_peft and not is_peft_model(model):
+        model = apply_lora(model, lora_settings(cfg), gradient_checkpointing=cfg.gradient_checkpointing)
+    return model
 
 
 def load_train_problems(cfg: TrainConfig) -> list[Problem]:

@@ -47,7 +47,7 @@ from torch import nn
 
 from sgsd_fast.config import TrainConfig, check_output_dir
 from sgsd_fast.data import Problem
-from sgsd_fast.models import apply_lora, is_peft_model, resolve_model_source
+from sgsd_fast.models import resolve_model_source
 from sgsd_fast.prompts import render_prompt, student_prompts
 from sgsd_fast.rollout import HFRolloutEngine, generate_groups, group_seed
 from sgsd_fast.skills import OnlineEvolver, SkillBank
@@ -58,8 +58,8 @@ from sgsd_fast.train.distributed import Distributed
 from sgsd_fast.train.evaluate import eval_records_path, evaluate, read_records, record_clusters, write_records
 from sgsd_fast.train.metrics import PLOT_FILE, MetricsLogger, plot_curves
 from sgsd_fast.train.objectives import Rollouts, get_objective
-from sgsd_fast.train.setup import (BANK_FILE, build_engine, build_model, build_retriever, build_verifier,
-                                   load_eval_problems, load_train_problems, lora_settings, prepare_bank)
+from sgsd_fast.train.setup import (BANK_FILE, adopt_model, build_engine, build_model, build_retriever, build_verifier,
+                                   check_handed_model, load_eval_problems, load_train_problems, prepare_bank)
 from sgsd_fast.train.sharding import full_state_dicts, load_full_optimizer_state, shard_policy
 from sgsd_fast.train.stats import paired_comparison
 from sgsd_fast.train.step import StepInputs, build_optimizer, build_scheduler, update_step
@@ -122,6 +122,8 @@ class Trainer:
         # exists), the run directory, the checkpoint to resume, the data and the skill bank.
         if model is None:
             resolve_model_source(cfg.model, cfg.gguf_file)
+        else:
+            check_handed_model(cfg, model)
         self.run_dir = dist.on_main(lambda: self._make_run_dir(run_dir, resume))
         self.train_problems = list(train_problems) if train_problems is not None else load_train_problems(cfg)
         self.eval_problems = list(eval_problems) if eval_problems is not None else load_eval_problems(cfg)
@@ -139,8 +141,8 @@ class Trainer:
 
         if model is None:
             model, tokenizer = build_model(cfg, device=str(dist.device) if dist.enabled else cfg.device)
-        elif cfg.use_peft and not is_peft_model(model):
-            model = apply_lora(model, lora_settings(cfg))
+        else:
+            model = adopt_model(cfg, model)
         if resume is not None:
             # Before any wrapping: FSDP shards what each rank holds, DDP broadcasts what rank 0 holds.
             load_checkpoint_weights(resume, model)
