@@ -213,3 +213,29 @@ def test_locked_and_free_fields_are_config_fields():
 
 def test_saved_state_is_json(run):
     assert json.loads((run / "checkpoint-2" / "trainer_state.json").read_text())["step"] == 2
+
+
+def test_final_model_copy_is_atomic_per_file_and_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    import shutil
+
+    ckpt = tmp_path / "run" / "checkpoint-3"
+    (ckpt / "model").mkdir(parents=True)
+    (ckpt / "model" / "config.json").write_text("{}")
+    (ckpt / "model" / "model.safetensors").write_bytes(b"w" * 1000)
+    assert ckpt_module.publish_final_model(ckpt, tmp_path / "run") == ["config.json", "model.safetensors"]
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == b"w" * 1000
+    (ckpt / "model" / "model.safetensors").write_bytes(b"v" * 1000)
+    real = shutil.copyfile
+
+    def full_disk(src, dst):
+        if Path(src).name == "model.safetensors":
+            Path(dst).write_bytes(b"v" * 10)  # part of it written, then ENOSPC
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(shutil, "copyfile", full_disk)
+    with pytest.raises(CheckpointSaveError, match=r"'model.safetensors'.*No space left.*disk full\?") as err:
+        ckpt_module.publish_final_model(ckpt, tmp_path / "run")
+    assert "\n" not in str(err.value)
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == b"w" * 1000, "the previous file was kept whole"
+    assert not list((tmp_path / "run").glob(".*tmp-*"))

@@ -67,6 +67,20 @@ def test_export_loads_with_from_pretrained_and_matches_the_trainer(trained, tmp_
     assert loaded.generate(IDS, min_new_tokens=3, max_new_tokens=3, do_sample=False).shape == (1, IDS.shape[1] + 3)
 
 
+def test_finished_run_leaves_its_model_at_the_top_level(trained):
+    """TRL's layout: `from_pretrained(run_dir)` gives the trained policy (adapter on its base)."""
+    from transformers import AutoModelForCausalLM
+
+    ckpt, model = trained
+    run = ckpt.parent
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in run.iterdir()}
+    assert not list(run.glob(".*.tmp-*")), "no temporary copy left behind"
+    loaded = AutoModelForCausalLM.from_pretrained(run).eval()
+    torch.testing.assert_close(_logits(loaded, IDS), _logits(model, IDS), rtol=1e-5, atol=1e-5)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["model_dir"] == str(run)
+
+
 def test_export_refuses_bad_arguments_before_loading(trained, tmp_path, capsys):
     ckpt, _ = trained
     cases = [(["--push_to_hub", "not a/valid/repo"], "--push_to_hub: expected a Hub repository id"),

@@ -134,6 +134,7 @@ def test_sigint_then_resume_equals_uninterrupted_run(tmp_path, bank_file, verifi
     assert summary["interrupted"] and summary["steps"] == 2
     checkpoint = Path(summary["checkpoint"])
     assert checkpoint.name == "checkpoint-2"
+    assert summary["model_dir"] is None and not (tmp_path / "b" / "model.safetensors").exists()  # not a final model
     monkeypatch.setattr(Trainer, "train_step", real_step)
 
     model_b = new_model(tok)
@@ -144,6 +145,9 @@ def test_sigint_then_resume_equals_uninterrupted_run(tmp_path, bank_file, verifi
         torch.testing.assert_close(pa, pb, rtol=0, atol=0)
     assert comparable(read_metrics(tmp_path / "b" / "metrics.jsonl")) == comparable(rows_a)
     assert (tmp_path / "b" / "completions.jsonl").read_text() == (tmp_path / "a" / "completions.jsonl").read_text()
+    for run in ("a", "b"):  # the finished runs' final model at the top level, equal to their last checkpoint's
+        assert (tmp_path / run / "model.safetensors").read_bytes() == \
+            (tmp_path / run / "checkpoint-4" / "model" / "model.safetensors").read_bytes()
 
 
 class ForcedAnswerVerifier:

@@ -1,6 +1,7 @@
 """Atomic checkpoints and exact resume.
 
-Layout (HF Trainer-like), one folder per saved step::
+Layout (HF Trainer-like), one folder per saved step, and the last model of a finished run also at
+the run's top level (TRL's `save_model` layout, `publish_final_model`)::
 
     <run_dir>/checkpoint-<step>/
         model/               save_pretrained of the weights (full, or the LoRA adapter only) and of
@@ -239,6 +240,32 @@ def clean_stale_saves(run_dir: str | os.PathLike) -> list[str]:
             shutil.rmtree(path, ignore_errors=True)
             messages.append(f"removed {str(path)!r}, left by a save that did not finish")
     return messages
+
+
+def publish_final_model(checkpoint: str | os.PathLike, run_dir: str | os.PathLike) -> list[str]:
+    """Copy a finished run's last model folder to the run's top level; returns the file names.
+
+    That is where TRL's `trainer.save_model()` leaves the result (`adapter_config.json` +
+    `adapter_model.safetensors`, or `config.json` + `model.safetensors`, and the tokenizer), so
+    `from_pretrained(run_dir)` and scripts written for TRL find it. Each file is copied under a
+    hidden name and renamed into place: an interrupted copy never leaves a truncated weight file
+    under the real name. Raises CheckpointSaveError (one line) when a copy fails; the checkpoint
+    itself is untouched.
+    """
+    src, run = Path(checkpoint) / "model", Path(run_dir)
+    names = sorted(f.name for f in src.iterdir() if f.is_file())
+    for name in names:
+        tmp = run / f".{name}.tmp-{os.getpid()}"
+        try:
+            shutil.copyfile(src / name, tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, run / name)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise CheckpointSaveError(f"copying the final model file {name!r} to {str(run)!r} failed "
+                                      f"({_first_line(err)}); disk full? {str(checkpoint)!r} holds the model") from err
+    return names
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:

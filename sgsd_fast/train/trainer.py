@@ -53,7 +53,7 @@ from sgsd_fast.rollout import HFRolloutEngine, generate_groups, group_seed
 from sgsd_fast.skills import OnlineEvolver, SkillBank
 from sgsd_fast.train.batch import TokenMasker
 from sgsd_fast.train.checkpoint import (check_resume, clean_stale_saves, load_checkpoint, load_checkpoint_weights,
-                                        rng_state, save_checkpoint)
+                                        publish_final_model, rng_state, save_checkpoint)
 from sgsd_fast.train.distributed import Distributed
 from sgsd_fast.train.evaluate import eval_records_path, evaluate, read_records, record_clusters, write_records
 from sgsd_fast.train.metrics import PLOT_FILE, MetricsLogger, plot_curves
@@ -480,19 +480,23 @@ class Trainer:
                 if not last_eval or last_eval[-1]["eval_step"] != end_step:
                     self._evaluate(end_step)
             checkpoint = self._save(end_step) if end_step > 0 else None
+            finished = not interrupted and end_step == cfg.max_steps and checkpoint is not None
+            if finished:
+                self.dist.on_main(lambda: publish_final_model(checkpoint, self.run_dir))
         finally:
             if handler_installed:
                 signal.signal(signal.SIGINT, previous)
         wall = time.perf_counter() - t_run
-        summary = self.dist.on_main(lambda: self._finish(interrupted, checkpoint, wall))
+        summary = self.dist.on_main(lambda: self._finish(interrupted, checkpoint, wall, finished))
         self.log(self._summary_text(summary))
         return summary
 
-    def _finish(self, interrupted: bool, checkpoint: Path | None, wall: float) -> dict[str, Any]:
+    def _finish(self, interrupted: bool, checkpoint: Path | None, wall: float, finished: bool) -> dict[str, Any]:
         """The plot, the summary and its file (rank 0)."""
         plot = plot_curves(self.state["history"], self.run_dir / PLOT_FILE)
         self.metrics.log_image(plot)
         summary = self._summary(interrupted, checkpoint, plot, wall)
+        summary["model_dir"] = str(self.run_dir) if finished else None
         if not interrupted:  # a finished run's marker: `sgsd-fast compare` skips runs that have one
             (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         return summary
@@ -551,6 +555,8 @@ class Trainer:
                  f"peak memory {s['peak_memory_mb']:.0f} MB)"]
         if s["interrupted"]:
             lines.append(f"interrupted; resume with: sgsd-fast train --resume {s['checkpoint']}")
+        if s.get("model_dir"):
+            lines.append(f"final model: {s['model_dir']} (from_pretrained loads it; `sgsd-fast export` merges an adapter)")
         before, after = s["eval_before"], s["eval_after"]
         for key in ("eval/accuracy", "eval/avg_at_k", "eval/format_rate", "eval/repetition_rate"):
             if before and key in before:
