@@ -175,28 +175,29 @@ def _resolve_liger(liger: bool | Literal["auto"], device: torch.device) -> bool:
 def _apply_liger(model: nn.Module, *, strict: bool) -> None:
     """Patch RMSNorm/RoPE/SwiGLU of `model` in place with Liger kernels.
 
-    The fused cross-entropy paths stay off: the trainer computes log-probs with its own kernels
-    from hidden states, so Liger must not replace the lm_head forward. An architecture Liger does
-    not know is an error when `strict` (liger=True), a warning otherwise (liger="auto").
+    Through transformers' public integration (`transformers.integrations.liger.apply_liger_kernel`,
+    what `TrainingArguments(use_liger_kernel=True)` calls; transformers releases before it have the
+    Trainer call liger's `_apply_liger_kernel_to_instance` itself, so that is the fallback). The
+    fused cross-entropy paths stay off: the trainer computes log-probs with its own kernels from
+    hidden states, so Liger must not replace the lm_head forward. The integration skips an
+    architecture Liger does not know with a log line; whether anything was patched is checked
+    here instead: an error when `strict` (liger=True), a warning otherwise (liger="auto").
     """
-    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    try:
+        from transformers.integrations.liger import apply_liger_kernel
+    except ImportError:  # transformers < 5
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
-    model_type = model.config.model_type
-    apply_fn = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
-    if apply_fn is None:
+        def apply_liger_kernel(model: nn.Module, kernel_config: dict[str, bool]) -> None:
+            _apply_liger_kernel_to_instance(model=model, **kernel_config)
+
+    apply_liger_kernel(model, {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
+                               "fused_linear_cross_entropy": False})
+    if "Liger" not in repr(model):  # patched norms/MLPs name themselves Liger*
+        model_type = model.config.model_type
         if strict:
             raise ValueError(f"liger=True but Liger kernels do not support model_type {model_type!r}")
         warnings.warn(f"Liger kernels do not support model_type {model_type!r}; continuing without them", stacklevel=3)
-        return
-    wanted = {
-        "rope": True,
-        "rms_norm": True,
-        "swiglu": True,
-        "cross_entropy": False,
-        "fused_linear_cross_entropy": False,
-    }
-    accepted = inspect.signature(apply_fn).parameters
-    apply_fn(model=model, **{k: v for k, v in wanted.items() if k in accepted})
 
 
 def _to_peft_config(lora: Any) -> Any:

@@ -203,6 +203,18 @@ def test_liger_patch_replaces_norms_and_keeps_lm_head(tokenizer):
             setattr(llama_module, name, value)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="liger-kernel not installed")
+def test_liger_on_an_unknown_architecture_is_an_error_or_a_warning():
+    # GPT-2 has no Liger patch: the public integration only logs that; liger=True must not pass silently.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=32, n_positions=16))
+    with pytest.raises(ValueError, match="liger=True but Liger kernels do not support model_type 'gpt2'"):
+        models._apply_liger(model, strict=True)
+    with pytest.warns(UserWarning, match="continuing without them"):
+        models._apply_liger(model, strict=False)
+
+
 # -- model sources ---------------------------------------------------------------------------------
 
 
