@@ -58,7 +58,7 @@ def naive_same_dtype(hidden, weight, targets, temperature):
     return torch.where(valid, picked, torch.zeros_like(picked))
 
 
-def error_bounds(hidden, weight, targets, temperature, grad_logp, grad_dtype):
+def error_bounds(hidden, weight, targets, temperature, grad_logp, grad_dtype, *, eager=False):
     """Worst-case fp32 error bounds of (logp, lse, entropy, dX, dW) for these inputs.
 
     Standard rounding analysis with gamma(n) = n u / (1 - n u), u = fp32 unit roundoff:
@@ -71,6 +71,10 @@ def error_bounds(hidden, weight, targets, temperature, grad_logp, grad_dtype):
     - softmax moves by p * expm1(2 delta + 2 gamma(V)); the gradient GEMMs add gamma(V or N) of
       sum |dz||w| (resp. |dz||x|), and the final rounding to the gradient dtype (and the Triton
       backend's cast of dz to that dtype) adds 2 u_out of the same sums.
+    - eager (the CPU forward that forms dlogp/dX = (w_y - sum_v p_v w_v) / tau for a frozen weight):
+      the subtraction of two fp32 vectors of size |w_y| and p.|w| adds 2u of their sum, and the
+      rescaled running sum D another gamma(V) of p.|w| (already in gamma(v) * abs_dz.|w| only
+      when p_y is not close to 1), both times |g| / tau.
     """
     h, w = hidden.double(), weight.double()
     n, dim = h.shape
@@ -96,6 +100,9 @@ def error_bounds(hidden, weight, targets, temperature, grad_logp, grad_dtype):
     abs_dz = g[:, None] * (onehot - p).abs()
     dp = (g * torch.expm1(2 * delta + 2 * sums))[:, None] * p
     tol_dx = dp @ w.abs() + (gamma(v) + 2 * u_out) * (abs_dz @ w.abs())
+    if eager:
+        w_y = w.abs()[torch.where(valid, targets, 0)]
+        tol_dx = tol_dx + g[:, None] * ((2 * FP32_EPS + gamma(v)) * (p @ w.abs()) + 2 * FP32_EPS * w_y)
     tol_dw = dp.T @ h.abs() + (gamma(n) + 2 * u_out) * (abs_dz.T @ h.abs())
     zero = torch.zeros((), dtype=torch.float64)
     return {
@@ -158,6 +165,50 @@ def check_accuracy(backend, dtype, temperature, *, n=64, dim=48, vocab=300, work
 @pytest.mark.parametrize("temperature", [1.0, 1.7])
 def test_accuracy_vs_float64(backend, workspace_bytes, dtype, temperature):
     check_accuracy(backend, dtype, temperature, workspace_bytes=workspace_bytes)
+
+
+@pytest.mark.parametrize("workspace_bytes", [None, SMALL_WORKSPACE])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+def test_eager_dx_accuracy_vs_float64(workspace_bytes, dtype, temperature):
+    """The CPU forward that forms dlogp/dX itself (frozen weight, hidden needing grad): dX within the
+    eager bound of float64, logp/lse/entropy as in the store-free path, dW never formed."""
+    n, dim, vocab = 64, 48, 300
+    hidden, weight, targets = make_inputs(n, dim, vocab, dtype, ignore_every=5, seed=11)
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 2
+    h = hidden.detach().clone().requires_grad_(True)
+    logp, lse, ent = linear_logprobs(h, weight, targets, temperature=temperature, backend="cpu", return_lse=True,
+                                     return_entropy=True, workspace_bytes=workspace_bytes)
+    logp.backward(grad.float())
+    assert h.grad.dtype == dtype and weight.grad is None
+    truth = run_with_grads(hidden.double(), weight.double(), targets, grad, temperature=temperature,
+                           backend="reference")
+    h_n = hidden.detach().clone().requires_grad_(True)
+    naive_same_dtype(h_n, weight, targets, temperature).backward(grad.float())
+    naive_all = linear_logprobs_reference(hidden, weight, targets, temperature=temperature)
+    tol = error_bounds(hidden, weight, targets, temperature, grad, dtype, eager=True)
+    assert_cce_bound("logp", logp.detach(), naive_all[0], truth[0], tol["logp"])
+    assert_cce_bound("lse", lse, naive_all[1], truth[1], tol["lse"])
+    assert_cce_bound("entropy", ent, naive_all[2], truth[2], tol["entropy"])
+    assert_cce_bound("d hidden", h.grad, h_n.grad, truth[3], tol["dx"])
+    assert (h.grad[1::5] == 0).all(), "ignored rows get no gradient"
+
+
+def test_eager_dx_is_taken_only_for_a_frozen_weight(monkeypatch):
+    """Which forward runs: eager for (hidden grad, frozen weight) under grad mode; store-free otherwise."""
+    hidden, weight, targets = make_inputs(12, 16, 40, torch.float32)
+    used = []
+    ops = torch.ops.sgsd_fast
+    for name in ("linear_logprobs_fwd", "linear_logprobs_fwd_dx"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name: used.append(_name) or _real(*a))
+    h = hidden.clone().requires_grad_(True)
+    linear_logprobs(h, weight, targets, backend="cpu")
+    linear_logprobs(h, weight.clone().requires_grad_(True), targets, backend="cpu")
+    with torch.no_grad():
+        linear_logprobs(h, weight, targets, backend="cpu")
+    linear_logprobs(hidden, weight, targets, backend="cpu")
+    assert used == ["linear_logprobs_fwd_dx", "linear_logprobs_fwd", "linear_logprobs_fwd", "linear_logprobs_fwd"]
 
 
 def test_cpu_accuracy_large_vocab_tile_and_offsets():
@@ -308,7 +359,11 @@ def test_frozen_weight_and_no_grad(backend):
     h = hidden.clone().requires_grad_(True)
     linear_logprobs(h, weight, targets, backend=backend).sum().backward()
     full = run_with_grads(hidden, weight, targets, torch.ones(10), backend=backend)
-    assert weight.grad is None and torch.equal(h.grad, full[3])
+    assert weight.grad is None
+    if backend == "cpu":  # the eager forward: another summation order, checked against float64 below
+        torch.testing.assert_close(h.grad, full[3], rtol=1e-4, atol=1e-3)
+    else:
+        assert torch.equal(h.grad, full[3])
     with torch.no_grad():
         out = linear_logprobs(h, weight, targets, backend=backend)
     assert not out.requires_grad and torch.equal(out, full[0])

@@ -68,19 +68,25 @@ def _triton_chunk_rows(vocab: int, weight_dtype: torch.dtype, budget: int) -> in
     return rows if rows < BLOCK_N else rows - rows % BLOCK_N
 
 
-def _forward_rows(hidden, weight, targets, temperature, with_entropy, backend, budget):
-    """(logp, lse, entropy or None) of compacted rows, in the math dtype."""
+def _forward_rows(hidden, weight, targets, temperature, with_entropy, backend, budget, eager_dx=False):
+    """(logp, lse, entropy or None, dlogp/dX or None) of compacted rows, in the math dtype.
+
+    eager_dx (CPU only): also dlogp/dX [N, H], from one more GEMM in this pass (see `_LinearLogprobs`)."""
     if backend == "cpu":
         from sgsd_fast._ext import require_extension
 
         require_extension()
         rows, tile = _cpu_blocks(weight.shape[0], hidden.dtype, budget)
+        if eager_dx:
+            logp, lse, ent, gx = torch.ops.sgsd_fast.linear_logprobs_fwd_dx(
+                hidden, weight, targets, float(temperature), with_entropy, rows, tile)
+            return logp, lse, (ent if with_entropy else None), gx
         logp, lse, ent = torch.ops.sgsd_fast.linear_logprobs_fwd(
             hidden, weight, targets, float(temperature), with_entropy, rows, tile)
-        return logp, lse, (ent if with_entropy else None)
+        return logp, lse, (ent if with_entropy else None), None
     from sgsd_fast.ops.triton.logprobs import logprobs_forward
 
-    return logprobs_forward(hidden, weight, targets, float(temperature), with_entropy)
+    return (*logprobs_forward(hidden, weight, targets, float(temperature), with_entropy), None)
 
 
 def _backward_rows(hidden, weight, targets, grad, lse, temperature, need_dx, need_dw, backend, budget):
@@ -102,10 +108,18 @@ def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Ten
 
 
 class _LinearLogprobs(torch.autograd.Function):
-    """Fused forward/backward; only logp is differentiable (lse and entropy are marked otherwise)."""
+    """Fused forward/backward; only logp is differentiable (lse and entropy are marked otherwise).
+
+    Two ways to the gradient. Store-free (the default): the backward recomputes each logit block
+    and forms dX and dW from it: 3 GEMM units after the forward's 1. Eager (`eager_dx`, CPU, when
+    hidden needs a gradient and the weight does not, as under LoRA): dlogp/dX = (W[y] - E_p[W]) / T
+    per row does not depend on the incoming gradient, so the forward accumulates it with one more
+    GEMM and the backward is one [N, H] multiply: 2 GEMM units in all, and [N, H] floats kept
+    instead of the hidden states.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, ignore_index, backend, with_entropy, budget):
+    def forward(ctx, hidden, weight, targets, temperature, ignore_index, backend, with_entropy, budget, eager_dx):
         n = hidden.shape[0]
         md = math_dtype(hidden.dtype)
         valid = targets != ignore_index
@@ -114,8 +128,9 @@ class _LinearLogprobs(torch.autograd.Function):
         rows = None if bool(valid.all()) else valid.nonzero().squeeze(1)
         h = hidden if rows is None else hidden.index_select(0, rows)
         t = (targets if rows is None else targets.index_select(0, rows)).long().contiguous()
+        gx = None
         if h.shape[0] > 0:
-            logp, lse, entropy = _forward_rows(h, weight, t, temperature, with_entropy, backend, budget)
+            logp, lse, entropy, gx = _forward_rows(h, weight, t, temperature, with_entropy, backend, budget, eager_dx)
         else:
             # Three distinct tensors: marking lse/entropy non-differentiable must not touch logp.
             logp, lse, entropy = (torch.empty(0, dtype=md, device=hidden.device) for _ in range(3))
@@ -125,8 +140,13 @@ class _LinearLogprobs(torch.autograd.Function):
         if entropy is None:
             # autograd.Function outputs must be tensors; the wrapper turns this one into None.
             entropy = logp.new_empty(0)
-        # Saving the original hidden (not the compacted copy) keeps no extra activation alive.
-        ctx.save_for_backward(hidden, weight, targets, lse, rows)
+        ctx.eager = eager_dx
+        if eager_dx:
+            ctx.hidden_meta = (hidden.shape, hidden.dtype)
+            ctx.save_for_backward(gx, rows)
+        else:
+            # Saving the original hidden (not the compacted copy) keeps no extra activation alive.
+            ctx.save_for_backward(hidden, weight, targets, lse, rows)
         ctx.temperature, ctx.backend, ctx.budget = temperature, backend, budget
         ctx.mark_non_differentiable(lse, entropy)
         return logp, lse, entropy
@@ -134,20 +154,33 @@ class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logp, _grad_lse, _grad_entropy):
+        if ctx.eager:
+            return (_LinearLogprobs._eager_dx(ctx, grad_logp), *[None] * 8)
         hidden, weight, targets, lse, rows = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n_valid = hidden.shape[0] if rows is None else rows.numel()
         if n_valid == 0:
             dx = torch.zeros_like(hidden) if need_dx else None
             dw = torch.zeros_like(weight) if need_dw else None
-            return dx, dw, None, None, None, None, None, None
+            return dx, dw, None, None, None, None, None, None, None
         pick = (lambda x: x) if rows is None else (lambda x: x.index_select(0, rows))
         grad = pick(grad_logp).to(lse.dtype).contiguous()
         dx, dw = _backward_rows(pick(hidden), weight, pick(targets).long().contiguous(), grad, pick(lse),
                                 ctx.temperature, need_dx, need_dw, ctx.backend, ctx.budget)
         if need_dx and rows is not None:
             dx = torch.zeros_like(hidden).index_copy_(0, rows, dx)
-        return dx, dw, None, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None, None
+
+    @staticmethod
+    def _eager_dx(ctx, grad_logp):
+        """dX = grad * dlogp/dX, rows scattered back; fp32 math, one cast to the input dtype."""
+        gx, rows = ctx.saved_tensors
+        shape, dtype = ctx.hidden_meta
+        if gx is None:  # no valid row
+            return grad_logp.new_zeros(shape, dtype=dtype)
+        grad = grad_logp if rows is None else grad_logp.index_select(0, rows)
+        dx = (gx * grad.to(gx.dtype).unsqueeze(1)).to(dtype)
+        return dx if rows is None else dx.new_zeros(shape).index_copy_(0, rows, dx)
 
 
 def linear_logprobs(
@@ -202,8 +235,10 @@ def linear_logprobs(
             hidden, weight, targets, temperature=temperature, ignore_index=ignore_index)
         lse, entropy = lse.detach(), entropy.detach()
     else:
+        eager_dx = (backend == "cpu" and torch.is_grad_enabled() and hidden.requires_grad
+                    and not weight.requires_grad)
         logp, lse, entropy = _LinearLogprobs.apply(
-            hidden, weight, targets, temperature, ignore_index, backend, return_entropy, workspace_bytes)
+            hidden, weight, targets, temperature, ignore_index, backend, return_entropy, workspace_bytes, eager_dx)
     if return_lse or return_entropy:
         return logp, (lse if return_lse else None), (entropy if return_entropy else None)
     return logp

@@ -1,0 +1,183 @@
+// Vectorized row sweeps shared by the CPU kernels: exp, max and exp-sums over one row of logits.
+//
+// Why our own: the kernels spend their non-GEMM time in exp over [rows, vocab] blocks, and a
+// loop calling std::exp is never vectorized (errno semantics; no libmvec without -ffast-math),
+// while a sum over it is an ordered floating-point reduction the compiler may not reorder. Here
+// exp is a branch-free polynomial the compiler vectorizes, and every reduction keeps kLanes
+// independent partial sums (a fixed order: results are bitwise reproducible run to run).
+//
+// Accuracy of exp_f32 (Cephes expf scheme: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial in
+// r, 2^n from the exponent bits): relative error <= 2 ulp on [-87.3, 88.7], checked against
+// float64 exp by tests/test_row_math.py through the ops. Below -87.3 it returns 0 where libm
+// returns a subnormal (< 1.2e-38 absolute); above 88.72 +inf; NaN stays NaN. float64 inputs
+// keep libm's exp: they are the reference-grade path.
+//
+// Each float sweep is compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at load
+// time by the CPU (GCC target_clones, x86-64 Linux); elsewhere it is one portable build.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define SGSD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SGSD_CLONES
+#endif
+
+namespace sgsd {
+
+constexpr int kLanes = 16;
+
+inline float exp_f32(float x) {
+  // The exponent path sees x clamped; NaN fails both comparisons and flows through p.
+  float xc = x < -87.33654f ? -87.33654f : x;
+  xc = xc > 88.72283f ? 88.72283f : xc;
+  // n = round(x / ln2) by the 1.5 * 2^23 trick: the sum's low mantissa bits hold n.
+  const float shifter = 12582912.0f;
+  const float t = xc * 1.44269504088896341f + shifter;
+  const float n = t - shifter;
+  const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;  // ln2 split in two: exact n*hi
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t tb;
+  std::memcpy(&tb, &t, sizeof tb);
+  const int32_t e = tb - 0x4B400000;  // n as an integer (0x4B400000: the shifter's bits), in [-126, 128]
+  const int32_t top = e > 127 ? 1 : 0;  // 2^128 is not a float: scale by 2^127, then by 2
+  const int32_t bits = (e - top + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  float y = p * scale;
+  y = top ? y * 2.0f : y;
+  y = x < -87.33654f ? 0.0f : y;
+  y = x > 88.72283f ? std::numeric_limits<float>::infinity() : y;
+  return y;
+}
+
+inline float vexp(float x) { return exp_f32(x); }
+inline double vexp(double x) { return std::exp(x); }
+
+// max_j z[j] (-inf for n == 0).
+SGSD_CLONES static float row_max(const float* z, int64_t n) {
+  float lane[kLanes];
+  for (int l = 0; l < kLanes; ++l) lane[l] = -std::numeric_limits<float>::infinity();
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) lane[l] = z[j + l] > lane[l] ? z[j + l] : lane[l];
+  float m = -std::numeric_limits<float>::infinity();
+  for (; j < n; ++j) m = z[j] > m ? z[j] : m;
+  for (int l = 0; l < kLanes; ++l) m = lane[l] > m ? lane[l] : m;
+  return m;
+}
+
+static double row_max(const double* z, int64_t n) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = z[j] > m ? z[j] : m;
+  return m;
+}
+
+// s = sum_j exp(z[j] - shift) and, when t != nullptr, t = sum_j exp(z[j] - shift) * (z[j] - shift).
+// float terms go into kLanes float partials for at most kBlock elements, then into double sums,
+// so the rounding of a 150k-term row stays at the level of a 1k-term float sum.
+constexpr int64_t kBlock = 1024;
+
+SGSD_CLONES static void exp_sums(const float* z, int64_t n, float shift, double* s, double* t) {
+  double ss = 0, tt = 0;
+  int64_t j = 0;
+  for (; j + kLanes <= n;) {
+    const int64_t end = j + kBlock < n ? j + kBlock : n;
+    float ls[kLanes] = {}, lt[kLanes] = {};
+    if (t != nullptr) {
+      for (; j + kLanes <= end; j += kLanes)
+        for (int l = 0; l < kLanes; ++l) {
+          const float d = z[j + l] - shift, e = exp_f32(d);
+          ls[l] += e;
+          lt[l] += e * d;
+        }
+    } else {
+      for (; j + kLanes <= end; j += kLanes)
+        for (int l = 0; l < kLanes; ++l) ls[l] += exp_f32(z[j + l] - shift);
+    }
+    for (int l = 0; l < kLanes; ++l) {
+      ss += ls[l];
+      tt += lt[l];
+    }
+  }
+  for (; j < n; ++j) {
+    const float d = z[j] - shift, e = exp_f32(d);
+    ss += e;
+    tt += static_cast<double>(e) * d;
+  }
+  *s = ss;
+  if (t != nullptr) *t = tt;
+}
+
+static void exp_sums(const double* z, int64_t n, double shift, double* s, double* t) {
+  double ss = 0, tt = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double d = z[j] - shift, e = std::exp(d);
+    ss += e;
+    tt += e * d;
+  }
+  *s = ss;
+  if (t != nullptr) *t = tt;
+}
+
+// exp_sums that also overwrites z[j] with exp(z[j] - shift) (one exp per element for both).
+SGSD_CLONES static void exp_sums_store(float* z, int64_t n, float shift, double* s, double* t) {
+  double ss = 0, tt = 0;
+  int64_t j = 0;
+  for (; j + kLanes <= n;) {
+    const int64_t end = j + kBlock < n ? j + kBlock : n;
+    float ls[kLanes] = {}, lt[kLanes] = {};
+    for (; j + kLanes <= end; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) {
+        const float d = z[j + l] - shift, e = exp_f32(d);
+        z[j + l] = e;
+        ls[l] += e;
+        lt[l] += e * d;
+      }
+    for (int l = 0; l < kLanes; ++l) {
+      ss += ls[l];
+      tt += lt[l];
+    }
+  }
+  for (; j < n; ++j) {
+    const float d = z[j] - shift, e = exp_f32(d);
+    z[j] = e;
+    ss += e;
+    tt += static_cast<double>(e) * d;
+  }
+  *s = ss;
+  if (t != nullptr) *t = tt;
+}
+
+static void exp_sums_store(double* z, int64_t n, double shift, double* s, double* t) {
+  double ss = 0, tt = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double d = z[j] - shift, e = std::exp(d);
+    z[j] = e;
+    ss += e;
+    tt += e * d;
+  }
+  *s = ss;
+  if (t != nullptr) *t = tt;
+}
+
+// out[j] = a * exp(z[j] - shift) (out may alias z).
+SGSD_CLONES static void scaled_exp(const float* z, int64_t n, float shift, float a, float* out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = a * exp_f32(z[j] - shift);
+}
+
+static void scaled_exp(const double* z, int64_t n, double shift, double a, double* out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = a * std::exp(z[j] - shift);
+}
+
+}  // namespace sgsd
