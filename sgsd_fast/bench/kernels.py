@@ -7,7 +7,8 @@ other. An implementation that cannot run here raises `Unavailable` with the reas
 
 benches and their implementations:
 - logprobs: linear_logprobs fwd+bwd. ours | naive (ops.reference, autograd) | cce (cut-cross-entropy:
-  its CUDA kernels, or impl="torch_compile" on CPU) | floor (the three plain GEMMs, time only)
+  its CUDA kernels, or impl="torch_compile" on CPU) | floor (the three plain GEMMs, time only).
+  With frozen_weight the lm_head gets no gradient (LoRA): two GEMMs are the floor.
 - teacher_logprobs: K teachers' forward log-probs, no grad. ours | naive
 - sgsd_loss: K teachers' log-probs + gated loss + student backward, from hidden states. ours | naive
 - divergence: linear_divergence fwd+bwd (kind jsd, fkl or rkl). ours | naive | liger (K=1 only)
@@ -49,10 +50,15 @@ class KernelSpec:
     k: int = 1
     kind: str = "jsd"
     dtype: str = "float32"
+    frozen_weight: bool = False  # logprobs only: the weight needs no gradient (as under LoRA)
+
+    def __post_init__(self) -> None:
+        if self.frozen_weight and self.bench != "logprobs":
+            raise ValueError(f"KernelSpec.frozen_weight is for bench 'logprobs', got {self.bench!r}")
 
     def gemm_flops(self) -> float:
         """Lower bound on the FLOPs of the computation (GEMM work only)."""
-        units = _STUDENT_UNITS[self.bench] + _TEACHER_UNITS[self.bench] * self.k
+        units = _STUDENT_UNITS[self.bench] - self.frozen_weight + _TEACHER_UNITS[self.bench] * self.k
         return units * 2.0 * self.n * self.v * self.h
 
     def naive_bytes(self) -> int:
@@ -89,7 +95,7 @@ def make_inputs(spec: KernelSpec, device: torch.device, seed: int = 0) -> _Input
     teacher_hidden = hidden + 0.5 * torch.randn(spec.k, spec.n, spec.h, **rand)
     return _Inputs(
         hidden=hidden.to(dtype).requires_grad_(True),
-        weight=weight.to(dtype).requires_grad_(True),
+        weight=weight.to(dtype).requires_grad_(not spec.frozen_weight),
         targets=torch.randint(0, spec.v, (spec.n,), **rand),
         teacher_hidden=teacher_hidden.to(dtype),
         mask=torch.rand(spec.n, **rand) > 0.05,
@@ -149,13 +155,16 @@ def _logprobs(spec: KernelSpec, impl: str, x: _Inputs, device: torch.device) -> 
 
         return run
     if impl == "floor":
-        # The three GEMMs any fwd+bwd needs (logits, dX, dW) and nothing else: the time floor.
-        # Its output is one logit column, copied so that z is freed (not comparable to log-probs).
+        # The three GEMMs any fwd+bwd needs (logits, dX, dW; no dW for a frozen weight) and nothing
+        # else: the time floor. Its output is one logit column, copied so that z is freed (not
+        # comparable to log-probs).
         h, w = x.hidden.detach(), x.weight.detach()
 
         def run() -> torch.Tensor:
             z = h @ w.t()
-            z @ w, z.t() @ h  # noqa: B018 - dX and dW shaped GEMMs, timed for their cost
+            z @ w  # noqa: B018 - dX-shaped GEMM, timed for its cost
+            if not spec.frozen_weight:
+                z.t() @ h  # noqa: B018 - dW-shaped GEMM
             return z[:, 0].clone()
 
         return run

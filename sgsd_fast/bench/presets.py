@@ -4,9 +4,10 @@ cpu-small    the quick side-by-side comparison (~1.5 minutes on this 2-core mach
              shapes, plus a tiny-Llama SGSD step and its longest rollout under a 160 MiB budget.
 cpu-scaling  scaling in N (512 -> 8k), V (32k, 49k, 152k) and K (1 -> 8) on CPU, and the longest
              tiny-Llama rollout under 512 MiB.
-cpu-floor    the SmolLM2 shape H=576, V=49152 on 2 threads: log-probs fwd+bwd at N=4096 against the
-             three-GEMM floor, naive and Cut Cross-Entropy (torch_compile), and the divergences
-             (FKL, RKL, JSD; K = 1, 4) at N=512 against naive (~6 minutes).
+cpu-floor    on 2 threads: log-probs fwd+bwd at the SmolLM2 shape (N=4096, H=576, V=49152) and at
+             Qwen3 width (N=512, H=2048, V=151936), with a trained and a frozen (LoRA) weight,
+             against the GEMM floor (3 GEMMs; 2 when frozen), naive and Cut Cross-Entropy
+             (torch_compile); the divergences (FKL, RKL, JSD; K = 1, 4) at N=512 against naive.
 gpu          the check shape N=16384, H=2048, V=151936 in bf16 (+ N scaling 1k -> 64k for log-probs).
 gpu-e2e      a Qwen3-1.7B-shaped SGSD step (K=8, random weights, bf16) and the longest rollout
              that fits 24 GiB.
@@ -81,7 +82,10 @@ def _cpu_scaling() -> Preset:
 
 def _cpu_floor() -> Preset:
     h, v = 576, 49152  # SmolLM2's width and vocabulary
-    kernels = [(KernelSpec("logprobs", 4096, h, v), ("ours", "floor", "naive", "cce"))]
+    lp = ("ours", "floor", "naive", "cce")
+    kernels = [(KernelSpec("logprobs", 4096, h, v, frozen_weight=frozen), lp) for frozen in (False, True)]
+    # Qwen3 width and vocabulary; N = 512 keeps naive's N x V tensors (~1.2 GiB) on the shared machine.
+    kernels += [(KernelSpec("logprobs", 512, 2048, 151936, frozen_weight=frozen), lp) for frozen in (False, True)]
     kernels += [(KernelSpec("divergence", 512, h, v, k=k, kind=kind), ALL[:2]) for kind in ("fkl", "rkl", "jsd")
                 for k in (1, 4)]
     return Preset("cpu-floor", "cpu", kernels, repeat=3, max_seconds=30.0, naive_guard_bytes=4 * GiB, threads=2)

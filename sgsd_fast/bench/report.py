@@ -20,7 +20,7 @@ def _fmt(x, spec: str = ".3g") -> str:
 
 
 def _shape_key(r: dict) -> tuple:
-    return tuple(r.get(k) for k in ("bench", "n", "h", "v", "k", "kind", "dtype", "model", "t"))
+    return tuple(r.get(k) for k in ("bench", "n", "h", "v", "k", "kind", "dtype", "frozen_weight", "model", "t"))
 
 
 def _ours_by_shape(records: list[dict]) -> dict:
@@ -43,7 +43,8 @@ def kernel_rows(records: list[dict]) -> list[list[str]]:
     for r in records:
         if r["bench"] == "e2e_step":
             continue
-        bench = r["bench"] + (f" {r['kind']}" if r["bench"] == "divergence" else "")
+        bench = r["bench"] + (f" {r['kind']}" if r["bench"] == "divergence" else "") + \
+            (" (frozen W)" if r.get("frozen_weight") else "")
         o = ours.get(_shape_key(r))
         rows.append([bench, str(r["n"]), str(r["h"]), str(r["v"]), str(r["k"]), r["impl"], _fmt(r.get("time_ms")),
                      _fmt(r.get("peak_mib")), _ratio(r, o, "time_ms"), _ratio(r, o, "peak_mib"),

@@ -30,6 +30,8 @@
 #include <optional>
 #include <string>
 
+#include "row_math.h"
+
 namespace {
 
 enum class Kind { kFkl, kRkl, kJsd };
@@ -62,13 +64,12 @@ void check_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref) {
               ref.scalar_type(), " like student_logits, got ", t.scalar_type());
 }
 
-// (max, log sum exp(z - max)) of one row
+// (max, log sum exp(z - max)) of one row; the sum runs in double (V up to ~2^18 terms).
 template <typename T>
 void row_stats(const T* z, int64_t v, T* out) {
-  T m = -std::numeric_limits<T>::infinity();
-  for (int64_t j = 0; j < v; ++j) m = std::max(m, z[j]);
-  double sum = 0.0;  // double: V up to ~2^18 terms of fp32 exp
-  for (int64_t j = 0; j < v; ++j) sum += std::exp(z[j] - m);
+  const T m = sgsd::row_max(z, v);
+  double sum = 0.0;
+  sgsd::exp_sums(z, v, m, &sum, nullptr);
   out[0] = m;
   out[1] = static_cast<T>(std::log(sum));
 }
@@ -88,33 +89,102 @@ at::Tensor stats_cpu(const at::Tensor& z) {
   return out;
 }
 
-// Per-entry summand e and its partial derivative w = de/ds (s free, P fixed).
-template <typename T>
-struct Entry {
-  T e;
-  T w;
-};
-
-template <typename T>
-inline Entry<T> entry(Kind kind, T s, T t, T beta, T log_beta, T log_1mb) {
-  const T q = std::exp(s);
-  const T p = std::exp(t);
-  switch (kind) {
-    case Kind::kFkl:
-      return {p * (t - s), -p};
-    case Kind::kRkl:
+// One row of the fused sweep: sum_j min(e_j, clip) into *loss and, with Grad, gg * w_j into a[j]
+// and sum_j w_j into *wsum, where e_j is the summand of the divergence and w_j = de_j/ds_j (s free,
+// P fixed; a clipped entry has w_j = 0, as torch.clamp(max=c) passes the gradient where e <= c).
+// s_j = (z_j - ms) - ds and t_j = (y_j - mt) - dt are the student's and teacher's log-probs.
+// Sums go through kLanes float partials per kBlock entries (vectorizable, fixed order), then double.
+template <typename T, Kind K, bool Grad, bool Clip>
+__attribute__((always_inline)) inline void accumulate_row(const T* z, const T* y, int64_t v, T ms, T ds, T mt, T dt,
+                                                          T beta, T log_beta, T log_1mb, T clip, T gg, T* a,
+                                                          double* loss, double* wsum) {
+  auto entry = [&](int64_t j, T& e_sum, T& w_sum) {
+    const T s = (z[j] - ms) - ds, t = (y[j] - mt) - dt;
+    T e, w;
+    if constexpr (K == Kind::kFkl) {
+      const T p = sgsd::vexp(t);
+      e = p * (t - s);
+      w = -p;
+    } else if constexpr (K == Kind::kRkl) {
       // the "+1" (from dQ/ds) cancels in the chain rule unless clipping masks some entries
-      return {q * (s - t), q * (s - t + T(1))};
-    case Kind::kJsd:
-    default: {
+      const T q = sgsd::vexp(s);
+      e = q * (s - t);
+      w = q * (s - t + T(1));
+    } else {
       // log M = logaddexp(t + log beta, s + log(1 - beta)), stable when one side underflows
-      const T a = t + log_beta, b = s + log_1mb;
-      const T hi = std::max(a, b), lo = std::min(a, b);
-      const T log_m = hi + std::log1p(std::exp(lo - hi));
+      const T q = sgsd::vexp(s), p = sgsd::vexp(t);
+      const T lo_a = t + log_beta, lo_b = s + log_1mb;
+      const T hi = lo_a > lo_b ? lo_a : lo_b, lo = lo_a > lo_b ? lo_b : lo_a;
+      const T log_m = hi + sgsd::vlog1p_unit(sgsd::vexp(lo - hi));
       const T wq = (T(1) - beta) * q * (s - log_m);
-      return {beta * p * (t - log_m) + wq, wq};
+      e = beta * p * (t - log_m) + wq;
+      w = wq;
+    }
+    if constexpr (Clip) {
+      const bool clipped = e > clip;
+      e = clipped ? clip : e;
+      w = clipped ? T(0) : w;
+    }
+    e_sum += e;
+    if constexpr (Grad) {
+      a[j] += gg * w;
+      w_sum += w;
+    }
+  };
+  double l_total = 0, w_total = 0;
+  int64_t j = 0;
+  while (j + sgsd::kLanes <= v) {
+    const int64_t end = j + sgsd::kBlock < v ? j + sgsd::kBlock : v;
+    T le[sgsd::kLanes] = {}, lw[sgsd::kLanes] = {};
+    for (; j + sgsd::kLanes <= end; j += sgsd::kLanes)
+      for (int l = 0; l < sgsd::kLanes; ++l) entry(j + l, le[l], lw[l]);
+    for (int l = 0; l < sgsd::kLanes; ++l) {
+      l_total += le[l];
+      w_total += lw[l];
     }
   }
+  T le = 0, lw = 0;
+  for (; j < v; ++j) entry(j, le, lw);
+  *loss = l_total + le;
+  *wsum = w_total + lw;
+}
+
+// The 12 (kind, gradient, clip) variants behind one call; the float one compiled per ISA.
+#define SGSD_ACCUMULATE_ROW_ARGS(T)                                                                       \
+  Kind kind, bool grad, bool clip_on, const T *z, const T *y, int64_t v, T ms, T ds, T mt, T dt, T beta, \
+      T log_beta, T log_1mb, T clip, T gg, T *a, double *loss, double *wsum
+#define SGSD_ACCUMULATE_ROW_BODY(T)                                                                        \
+  const int variant = static_cast<int>(kind) * 4 + (grad ? 2 : 0) + (clip_on ? 1 : 0);                    \
+  switch (variant) {                                                                                       \
+    SGSD_CASE(T, 0, Kind::kFkl, false, false) SGSD_CASE(T, 1, Kind::kFkl, false, true)                     \
+    SGSD_CASE(T, 2, Kind::kFkl, true, false) SGSD_CASE(T, 3, Kind::kFkl, true, true)                       \
+    SGSD_CASE(T, 4, Kind::kRkl, false, false) SGSD_CASE(T, 5, Kind::kRkl, false, true)                     \
+    SGSD_CASE(T, 6, Kind::kRkl, true, false) SGSD_CASE(T, 7, Kind::kRkl, true, true)                       \
+    SGSD_CASE(T, 8, Kind::kJsd, false, false) SGSD_CASE(T, 9, Kind::kJsd, false, true)                     \
+    SGSD_CASE(T, 10, Kind::kJsd, true, false) SGSD_CASE(T, 11, Kind::kJsd, true, true)                     \
+  }
+#define SGSD_CASE(T, N, K, G, C)                                                                \
+  case N:                                                                                       \
+    accumulate_row<T, K, G, C>(z, y, v, ms, ds, mt, dt, beta, log_beta, log_1mb, clip, gg, a, loss, wsum); \
+    break;
+
+SGSD_CLONES static void accumulate_row_any(SGSD_ACCUMULATE_ROW_ARGS(float)) { SGSD_ACCUMULATE_ROW_BODY(float) }
+static void accumulate_row_any(SGSD_ACCUMULATE_ROW_ARGS(double)) { SGSD_ACCUMULATE_ROW_BODY(double) }
+
+#undef SGSD_CASE
+#undef SGSD_ACCUMULATE_ROW_BODY
+#undef SGSD_ACCUMULATE_ROW_ARGS
+
+// a[j] <- (a[j] - softmax(z)_j * r) * sc, softmax_j = exp((z_j - ms) - ds).
+template <typename T>
+__attribute__((always_inline)) inline void finalize_row_impl(const T* z, int64_t v, T ms, T ds, T r, T sc, T* a) {
+  for (int64_t j = 0; j < v; ++j) a[j] = (a[j] - sgsd::vexp((z[j] - ms) - ds) * r) * sc;
+}
+SGSD_CLONES static void finalize_row(const float* z, int64_t v, float ms, float ds, float r, float sc, float* a) {
+  finalize_row_impl(z, v, ms, ds, r, sc, a);
+}
+static void finalize_row(const double* z, int64_t v, double ms, double ds, double r, double sc, double* a) {
+  finalize_row_impl(z, v, ms, ds, r, sc, a);
 }
 
 void accumulate_cpu(const at::Tensor& zs, const at::Tensor& stats_s, const at::Tensor& zt,
@@ -163,27 +233,15 @@ void accumulate_cpu(const at::Tensor& zs, const at::Tensor& stats_s, const at::T
     const T clip = has_clip ? static_cast<T>(*entry_clip) : T(0);
     at::parallel_for(0, c, grain_rows(v), [&](int64_t rb, int64_t re) {
       for (int64_t i = rb; i < re; ++i) {
-        const T* z = zsp + i * v;
         const T* y = ztp + i * v;
-        const T ms = ssp[2 * i], ds = ssp[2 * i + 1];
         T st[2];
         row_stats(y, v, st);
-        const T mt = st[0], dt = st[1];
-        const T gg = need_grad ? ggp[i] : T(0);
-        T* a = need_grad ? accp + i * v : nullptr;
         double row_loss = 0.0, row_w = 0.0;
-        for (int64_t j = 0; j < v; ++j) {
-          Entry<T> en = entry(kind, (z[j] - ms) - ds, (y[j] - mt) - dt, b, log_beta, log_1mb);
-          // torch.clamp(max=c) passes the gradient where e <= c; match it so ties agree with autograd.
-          const bool clipped = has_clip && en.e > clip;
-          row_loss += clipped ? clip : en.e;
-          if (need_grad && !clipped) {
-            a[j] += gg * en.w;
-            row_w += en.w;
-          }
-        }
+        accumulate_row_any(kind, need_grad, has_clip, zsp + i * v, y, v, ssp[2 * i], ssp[2 * i + 1], st[0], st[1], b,
+                           log_beta, log_1mb, clip, need_grad ? ggp[i] : T(0), need_grad ? accp + i * v : nullptr,
+                           &row_loss, &row_w);
         lossp[i] += gp[i] * static_cast<T>(row_loss);
-        if (need_grad) rsp[i] += gg * static_cast<T>(row_w);
+        if (need_grad) rsp[i] += ggp[i] * static_cast<T>(row_w);
       }
     });
   });
@@ -208,12 +266,8 @@ void finalize_cpu(const at::Tensor& zs, const at::Tensor& stats_s, at::Tensor ac
     T* accp = acc.data_ptr<T>();
     const T sc = static_cast<T>(scale);
     at::parallel_for(0, c, grain_rows(v), [&](int64_t rb, int64_t re) {
-      for (int64_t i = rb; i < re; ++i) {
-        const T* z = zsp + i * v;
-        T* a = accp + i * v;
-        const T ms = ssp[2 * i], ds = ssp[2 * i + 1], r = rsp[i];
-        for (int64_t j = 0; j < v; ++j) a[j] = (a[j] - std::exp((z[j] - ms) - ds) * r) * sc;
-      }
+      for (int64_t i = rb; i < re; ++i)
+        finalize_row(zsp + i * v, v, ssp[2 * i], ssp[2 * i + 1], rsp[i], sc, accp + i * v);
     });
   });
 }

@@ -61,11 +61,43 @@ inline float exp_f32(float x) {
   return y;
 }
 
+// log(1 + u) for u in [0, 1] (the JSD's log-add-exp): log of the rounded 1 + u, Cephes logf scheme
+// (x = m 2^e, m in [sqrt(1/2), sqrt(2)), degree-8 polynomial in m - 1). Rounding 1 + u costs at
+// most one ulp of 1 in absolute terms, which is what the caller adds it to anyway.
+inline float log1p_unit_f32(float u) {
+  const float x = 1.0f + u;
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  int32_t e = ((bits >> 23) & 0xff) - 127;
+  int32_t mb = (bits & 0x007fffff) | 0x3f800000;
+  float m;
+  std::memcpy(&m, &mb, sizeof m);
+  const bool big = m > 1.41421356f;  // keep m - 1 in [sqrt(1/2) - 1, sqrt(2) - 1]
+  m = big ? m * 0.5f : m;
+  e = big ? e + 1 : e;
+  const float f = m - 1.0f, z = f * f;
+  float p = 7.0376836292e-2f;
+  p = p * f - 1.1514610310e-1f;
+  p = p * f + 1.1676998740e-1f;
+  p = p * f - 1.2420140846e-1f;
+  p = p * f + 1.4249322787e-1f;
+  p = p * f - 1.6668057665e-1f;
+  p = p * f + 2.0000714765e-1f;
+  p = p * f - 2.4999993993e-1f;
+  p = p * f + 3.3333331174e-1f;
+  const float fe = static_cast<float>(e);
+  float y = f * z * p + fe * -2.12194440e-4f - 0.5f * z;
+  y = (f + y) + fe * 0.693359375f;
+  return u != u ? u : y;  // NaN in, NaN out
+}
+
 inline float vexp(float x) { return exp_f32(x); }
 inline double vexp(double x) { return std::exp(x); }
+inline float vlog1p_unit(float u) { return log1p_unit_f32(u); }
+inline double vlog1p_unit(double u) { return std::log1p(u); }
 
 // max_j z[j] (-inf for n == 0).
-SGSD_CLONES static float row_max(const float* z, int64_t n) {
+[[maybe_unused]] SGSD_CLONES static float row_max(const float* z, int64_t n) {
   float lane[kLanes];
   for (int l = 0; l < kLanes; ++l) lane[l] = -std::numeric_limits<float>::infinity();
   int64_t j = 0;
@@ -77,7 +109,7 @@ SGSD_CLONES static float row_max(const float* z, int64_t n) {
   return m;
 }
 
-static double row_max(const double* z, int64_t n) {
+[[maybe_unused]] static double row_max(const double* z, int64_t n) {
   double m = -std::numeric_limits<double>::infinity();
   for (int64_t j = 0; j < n; ++j) m = z[j] > m ? z[j] : m;
   return m;
@@ -88,7 +120,7 @@ static double row_max(const double* z, int64_t n) {
 // so the rounding of a 150k-term row stays at the level of a 1k-term float sum.
 constexpr int64_t kBlock = 1024;
 
-SGSD_CLONES static void exp_sums(const float* z, int64_t n, float shift, double* s, double* t) {
+[[maybe_unused]] SGSD_CLONES static void exp_sums(const float* z, int64_t n, float shift, double* s, double* t) {
   double ss = 0, tt = 0;
   int64_t j = 0;
   for (; j + kLanes <= n;) {
@@ -119,7 +151,7 @@ SGSD_CLONES static void exp_sums(const float* z, int64_t n, float shift, double*
   if (t != nullptr) *t = tt;
 }
 
-static void exp_sums(const double* z, int64_t n, double shift, double* s, double* t) {
+[[maybe_unused]] static void exp_sums(const double* z, int64_t n, double shift, double* s, double* t) {
   double ss = 0, tt = 0;
   for (int64_t j = 0; j < n; ++j) {
     const double d = z[j] - shift, e = std::exp(d);
@@ -131,7 +163,7 @@ static void exp_sums(const double* z, int64_t n, double shift, double* s, double
 }
 
 // exp_sums that also overwrites z[j] with exp(z[j] - shift) (one exp per element for both).
-SGSD_CLONES static void exp_sums_store(float* z, int64_t n, float shift, double* s, double* t) {
+[[maybe_unused]] SGSD_CLONES static void exp_sums_store(float* z, int64_t n, float shift, double* s, double* t) {
   double ss = 0, tt = 0;
   int64_t j = 0;
   for (; j + kLanes <= n;) {
@@ -159,7 +191,7 @@ SGSD_CLONES static void exp_sums_store(float* z, int64_t n, float shift, double*
   if (t != nullptr) *t = tt;
 }
 
-static void exp_sums_store(double* z, int64_t n, double shift, double* s, double* t) {
+[[maybe_unused]] static void exp_sums_store(double* z, int64_t n, double shift, double* s, double* t) {
   double ss = 0, tt = 0;
   for (int64_t j = 0; j < n; ++j) {
     const double d = z[j] - shift, e = std::exp(d);
@@ -172,11 +204,11 @@ static void exp_sums_store(double* z, int64_t n, double shift, double* s, double
 }
 
 // out[j] = a * exp(z[j] - shift) (out may alias z).
-SGSD_CLONES static void scaled_exp(const float* z, int64_t n, float shift, float a, float* out) {
+[[maybe_unused]] SGSD_CLONES static void scaled_exp(const float* z, int64_t n, float shift, float a, float* out) {
   for (int64_t j = 0; j < n; ++j) out[j] = a * exp_f32(z[j] - shift);
 }
 
-static void scaled_exp(const double* z, int64_t n, double shift, double a, double* out) {
+[[maybe_unused]] static void scaled_exp(const double* z, int64_t n, double shift, double a, double* out) {
   for (int64_t j = 0; j < n; ++j) out[j] = a * std::exp(z[j] - shift);
 }
 
