@@ -8,7 +8,9 @@
 #      and K=4, at N=16384, H=2048, V=151936 in bf16: ms, peak MiB, % of the bf16 GEMM floor;
 #   4. `sgsd-fast bench --preset gpu-e2e`: a Qwen3-1.7B-shaped SGSD step, ours vs naive, and the
 #      longest rollout that fits 24 GiB;
-#   5. the `sgsd-fast plan` estimate of that step next to its measured peak and longest rollout
+#   5. the tile sweep: every tile configuration configs.TABLE lists for this architecture, timed on
+#      the log-prob kernels at N=8192, H=2048, V=151936 (benchmarks/tile_sweep.py);
+#   6. the `sgsd-fast plan` estimate of that step next to its measured peak and longest rollout
 #      (benchmarks/plan_vs_gpu_e2e.py).
 # Everything lands in $OUT (default: gpu-check-out/): gpu_check.md (all tables), gpu.json,
 # gpu-e2e.json, gpu.png and gpu_check.log. Each stage has its own time limit and a failed stage
@@ -23,7 +25,7 @@ OUT="${OUT:-gpu-check-out}"
 PY="${PYTHON:-python3}"
 DRYRUN="${SGSD_BENCH_DRYRUN:-0}"
 mkdir -p "$OUT"
-rm -f "$OUT"/gpu.json "$OUT"/gpu.md "$OUT"/gpu.png "$OUT"/gpu-e2e.json "$OUT"/gpu-e2e.md "$OUT"/plan-gpu-e2e.md  # no stale results
+rm -f "$OUT"/gpu.json "$OUT"/gpu.md "$OUT"/gpu.png "$OUT"/gpu-e2e.json "$OUT"/gpu-e2e.md "$OUT"/plan-gpu-e2e.md "$OUT"/tile-sweep.md  # no stale results
 LOG="$OUT/gpu_check.log"
 : > "$LOG"
 failed=()
@@ -69,6 +71,9 @@ for preset_limit in gpu:120 gpu-e2e:170; do
     fi
 done
 
+# Each tile configuration listed for this architecture, timed (which one configs.py should launch).
+stage "tile sweep" 60 bash -c '"$PY" -m benchmarks.tile_sweep > "$1/tile-sweep.md"' _ "$OUT"
+
 # The plan of the gpu-e2e configuration next to its measured peak and longest rollout (no GPU needed).
 stage "plan vs gpu-e2e" 60 bash -c '"$PY" -m benchmarks.plan_vs_gpu_e2e "$1" > "$1/plan-gpu-e2e.md"' _ "$OUT"
 
@@ -76,13 +81,13 @@ stage "plan vs gpu-e2e" 60 bash -c '"$PY" -m benchmarks.plan_vs_gpu_e2e "$1" > "
     echo "# GPU check"
     echo
     [ "$DRYRUN" = "1" ] && echo "**Dry run (SGSD_BENCH_DRYRUN=1): tiny CPU shapes, not GPU numbers.**" && echo
-    for md in "$OUT/gpu.md" "$OUT/gpu-e2e.md" "$OUT/plan-gpu-e2e.md"; do
+    for md in "$OUT/gpu.md" "$OUT/gpu-e2e.md" "$OUT/tile-sweep.md" "$OUT/plan-gpu-e2e.md"; do
         [ -f "$md" ] && cat "$md" && echo
     done
     echo "## Stages"
     grep '^== .*: exit' "$LOG"
 } > "$OUT/gpu_check.md"
-rm -f "$OUT/gpu.md" "$OUT/gpu-e2e.md" "$OUT/plan-gpu-e2e.md"  # folded into gpu_check.md: fewer files to carry back
+rm -f "$OUT/gpu.md" "$OUT/gpu-e2e.md" "$OUT/tile-sweep.md" "$OUT/plan-gpu-e2e.md"  # folded into gpu_check.md: fewer files to carry back
 
 if [ "${#failed[@]}" -gt 0 ]; then
     printf 'FAILED: %s\n' "${failed[@]}" | tee -a "$OUT/gpu_check.md"

@@ -14,8 +14,9 @@ import torch
 
 from sgsd_fast.ops.linear_logprobs import _triton_chunk_rows, linear_logprobs
 from sgsd_fast.ops.reference import linear_logprobs_reference
+from sgsd_fast.ops.triton import configs
 from sgsd_fast.ops.triton import logprobs as kernels
-from test_linear_logprobs import assert_cce_bound, check_accuracy, error_bounds, make_inputs
+from test_linear_logprobs import assert_cce_bound, check_accuracy, error_bounds, make_inputs, run_with_grads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,12 +78,41 @@ def test_gradcheck_float64(triton_device):
 
 def test_backward_workspace_rows_follow_the_budget():
     # fp32: the dz workspace row is V fp32 values; bf16 adds the dz copy cast for the dX GEMM.
-    assert _triton_chunk_rows(1000, torch.float32, 4000 * 7) == 7
-    assert _triton_chunk_rows(1000, torch.bfloat16, 6000 * 7) == 7
-    assert _triton_chunk_rows(1000, torch.float64, 8000 * 7) == 7
-    assert _triton_chunk_rows(1000, torch.float32, 1) == 1
+    cpu = torch.device("cpu")
+    assert _triton_chunk_rows(1000, torch.float32, 4000 * 7, cpu) == 7
+    assert _triton_chunk_rows(1000, torch.bfloat16, 6000 * 7, cpu) == 7
+    assert _triton_chunk_rows(1000, torch.float64, 8000 * 7, cpu) == 7
+    assert _triton_chunk_rows(1000, torch.float32, 1, cpu) == 1
     # room for 2.5 row blocks: two whole blocks
-    assert _triton_chunk_rows(1000, torch.float32, 4000 * kernels.BLOCK_N * 5 // 2) == 2 * kernels.BLOCK_N
+    block = configs.DEFAULT.block_n
+    assert _triton_chunk_rows(1000, torch.float32, 4000 * block * 5 // 2, cpu) == 2 * block
+
+
+TILE_SHAPES = sorted({(c.block_n, c.block_v, c.block_h) for arch in configs.TABLE.values()
+                      for entries in arch.values() for c in entries})
+
+
+@pytest.mark.parametrize("shape", TILE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_every_table_tile_shape_is_exact(shape, triton_device):
+    """Each tile shape of the architecture table (configs.TABLE) gives values and both gradients
+    within the float64 bound: N=40 < BLOCK_N and V=200 ragged against every BLOCK_V, H=40 against
+    every BLOCK_H; two backward chunks."""
+    cfg = configs.TileConfig(*shape, num_warps=4, num_stages=2)
+    hidden, weight, targets = make_inputs(N, H, V, torch.float32, seed=sum(shape))
+    targets = targets.clamp(min=0)
+    grad = torch.randn(N, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    dev = [t.to(triton_device) for t in (hidden, weight, targets)]
+    logp, lse, ent = (t.cpu() for t in kernels.logprobs_forward(*dev, 1.3, True, config=cfg))
+    dx, dw = (t.cpu() for t in kernels.logprobs_backward(*dev, grad.float().to(triton_device), lse.to(triton_device),
+                                                         1.3, True, True, chunk_rows=24, config=cfg))
+    truth = run_with_grads(hidden.double(), weight.double(), targets, grad, temperature=1.3, backend="reference")
+    naive = linear_logprobs_reference(hidden, weight, targets, temperature=1.3)
+    h_n, w_n = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    linear_logprobs_reference(h_n, w_n, targets, temperature=1.3)[0].backward(grad.float())
+    tol = error_bounds(hidden, weight, targets, 1.3, grad, torch.float32)
+    for name, ours, ref_naive, i in (("logp", logp, naive[0], 0), ("lse", lse, naive[1], 1),
+                                     ("entropy", ent, naive[2], 2), ("dx", dx, h_n.grad, 3), ("dw", dw, w_n.grad, 4)):
+        assert_cce_bound(f"{name} {shape}", ours, ref_naive, truth[i], tol[name])
 
 
 def test_backends_agree(triton_device):

@@ -54,18 +54,19 @@ def _cpu_blocks(vocab: int, dtype: torch.dtype, budget: int) -> tuple[int, int]:
     return max(1, budget // (elem_bytes * tile)), tile
 
 
-def _triton_chunk_rows(vocab: int, weight_dtype: torch.dtype, budget: int) -> int:
+def _triton_chunk_rows(vocab: int, weight_dtype: torch.dtype, budget: int, device: torch.device) -> int:
     """Rows of the [rows, V] dz workspace (fp32, plus its cast copy for half weights) in `budget`,
-    rounded down to whole BLOCK_N row blocks when there is room for one: otherwise every chunk
-    would end on a partly masked block of recompute programs."""
-    from sgsd_fast.ops.triton.logprobs import BLOCK_N
+    rounded down to whole row blocks of the device's tile when there is room for one: otherwise
+    every chunk would end on a partly masked block of recompute programs."""
+    from sgsd_fast.ops.triton.configs import tile_config
 
+    block_n = tile_config(device, weight_dtype).block_n
     md = math_dtype(weight_dtype)
     per_row = vocab * torch.finfo(md).bits // 8
     if weight_dtype != md:
         per_row += vocab * torch.finfo(weight_dtype).bits // 8
     rows = max(1, budget // max(1, per_row))
-    return rows if rows < BLOCK_N else rows - rows % BLOCK_N
+    return rows if rows < block_n else rows - rows % block_n
 
 
 def _forward_rows(hidden, weight, targets, temperature, with_entropy, backend, budget, eager_dx=False):
@@ -98,7 +99,7 @@ def _backward_rows(hidden, weight, targets, grad, lse, temperature, need_dx, nee
         return (dx if need_dx else None), (dw if need_dw else None)
     from sgsd_fast.ops.triton.logprobs import logprobs_backward
 
-    rows = _triton_chunk_rows(weight.shape[0], weight.dtype, budget)
+    rows = _triton_chunk_rows(weight.shape[0], weight.dtype, budget, weight.device)
     return logprobs_backward(hidden, weight, targets, grad, lse, float(temperature), need_dx, need_dw, rows)
 
 

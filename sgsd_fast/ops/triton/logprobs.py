@@ -16,7 +16,9 @@ in the input dtype (tensor cores for bf16); dW is accumulated by an fp32 GEMM, t
 fp32 accumulation across chunks (a bf16 GEMM with an fp32 output, torch.addmm(..., out_dtype=),
 would be faster on CUDA; it needs a GPU to validate).
 
-All offsets are int64 (N * V and V * H exceed 2**31 for real vocabularies); V that is not a
+Tile shapes and launch parameters come from `configs.tile_config` (by architecture and operand
+dtype; every entry is compiled ahead of time for its architecture by the tests), or from the
+`config` argument (tests, the tile sweep). All offsets are int64 (N * V and V * H exceed 2**31 for real vocabularies); V that is not a
 multiple of BLOCK_V is handled by masking. Inputs must already be compacted to valid rows (no
 ignore_index) by the caller, sgsd_fast/ops/linear_logprobs.py.
 """
@@ -28,11 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-# Tile shapes: 64x64 tiles with a 32-wide K step fit one SM's registers for fp32 accumulators and
-# are >= 16 in every dim as tl.dot requires. The interpreter (CPU tests) runs the same tiles.
-BLOCK_N = 64
-BLOCK_V = 64
-BLOCK_H = 32
+from sgsd_fast.ops.triton.configs import TileConfig, tile_config
+
 # "ieee": fp32 operands are multiplied in full fp32, never TF32 (SPEC: fp32 math); the setting does
 # not change bf16/fp16 products, which are exact in the fp32 accumulator anyway.
 _DOT_PRECISION = "ieee"
@@ -147,13 +146,13 @@ def _upcast_operands(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _vocab_splits(n_rows: int, vocab: int, device: torch.device) -> int:
+def _vocab_splits(n_rows: int, vocab: int, device: torch.device, cfg: TileConfig) -> int:
     """Vocabulary splits so that row blocks x splits roughly fill the GPU (1 under the interpreter)."""
-    n_tiles = triton.cdiv(vocab, BLOCK_V)
+    n_tiles = triton.cdiv(vocab, cfg.block_v)
     if device.type != "cuda":
         return 1
     programs_wanted = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(n_tiles, triton.cdiv(programs_wanted, triton.cdiv(n_rows, BLOCK_N))))
+    return max(1, min(n_tiles, triton.cdiv(programs_wanted, triton.cdiv(n_rows, cfg.block_n))))
 
 
 def logprobs_forward(
@@ -163,25 +162,27 @@ def logprobs_forward(
     temperature: float,
     with_entropy: bool,
     vocab_splits: int | None = None,
+    config: TileConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(logp, lse, entropy or None) in the math dtype for compacted rows (every target in [0, V))."""
     n_rows, hidden_dim = hidden.shape
     vocab = weight.shape[0]
     math_dtype, acc = _acc_dtype(hidden.dtype)
-    n_tiles = triton.cdiv(vocab, BLOCK_V)
-    splits = vocab_splits if vocab_splits is not None else _vocab_splits(n_rows, vocab, hidden.device)
+    cfg = config or tile_config(hidden.device, hidden.dtype)
+    n_tiles = triton.cdiv(vocab, cfg.block_v)
+    splits = vocab_splits if vocab_splits is not None else _vocab_splits(n_rows, vocab, hidden.device, cfg)
     splits = max(1, min(splits, n_tiles))
     tiles_per_split = triton.cdiv(n_tiles, splits)
     # Recount so that no split starts past the last tile (an empty split would leave m = -inf).
     splits = triton.cdiv(n_tiles, tiles_per_split)
     part = torch.empty((4, splits, n_rows), dtype=math_dtype, device=hidden.device)
     m, s, t, zt = part.unbind(0)
-    grid = (triton.cdiv(n_rows, BLOCK_N), splits)
+    grid = (triton.cdiv(n_rows, cfg.block_n), splits)
     _forward_kernel[grid](
         hidden, weight, targets, m, s, t, zt,
         n_rows, vocab, hidden_dim, tiles_per_split,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), 1.0 / temperature,
-        BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H, ACC_DTYPE=acc, DOT_PRECISION=_DOT_PRECISION,
+        **cfg.launch(), ACC_DTYPE=acc, DOT_PRECISION=_DOT_PRECISION,
         UPCAST_OPERANDS=_upcast_operands(hidden.dtype),
         WITH_ENTROPY=with_entropy,
     )
@@ -208,6 +209,7 @@ def logprobs_backward(
     compute_dx: bool,
     compute_dw: bool,
     chunk_rows: int,
+    config: TileConfig | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(dX in hidden's dtype or None, dW in weight's dtype or None) for compacted rows.
 
@@ -216,6 +218,7 @@ def logprobs_backward(
     n_rows, hidden_dim = hidden.shape
     vocab = weight.shape[0]
     math_dtype, acc = _acc_dtype(hidden.dtype)
+    cfg = config or tile_config(hidden.device, hidden.dtype)
     dx = torch.empty_like(hidden, memory_format=torch.contiguous_format) if compute_dx else None
     dw_acc = torch.zeros(weight.shape, dtype=math_dtype, device=weight.device) if compute_dw else None
     rows_max = max(1, min(chunk_rows, n_rows))
@@ -224,13 +227,13 @@ def logprobs_backward(
         rows = min(rows_max, n_rows - r0)
         h = hidden[r0:r0 + rows]
         dz = workspace[:rows]
-        grid = (triton.cdiv(rows, BLOCK_N), triton.cdiv(vocab, BLOCK_V))
+        grid = (triton.cdiv(rows, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
         _dlogits_kernel[grid](
             h, weight, targets[r0:r0 + rows], grad_logp[r0:r0 + rows], lse[r0:r0 + rows], dz,
             rows, vocab, hidden_dim,
             h.stride(0), h.stride(1), weight.stride(0), weight.stride(1), dz.stride(0), 1.0 / temperature,
-            BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H, ACC_DTYPE=acc, DOT_PRECISION=_DOT_PRECISION,
-        UPCAST_OPERANDS=_upcast_operands(hidden.dtype),
+            **cfg.launch(), ACC_DTYPE=acc, DOT_PRECISION=_DOT_PRECISION,
+            UPCAST_OPERANDS=_upcast_operands(hidden.dtype),
         )
         if compute_dx:
             # dX rows come out in hidden's dtype anyway, so the GEMM runs in it (fp32 accumulate).
