@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import hashlib
 import os
 import sys
 import warnings
@@ -43,7 +44,18 @@ def _compile() -> None:
         print("sgsd_fast: compiling the C++ CPU kernels once (minutes on a busy machine; cached in "
               "torch's extension cache) ...", file=sys.stderr, flush=True)
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    load(JIT_NAME, sources, extra_cflags=["-O3", *openmp], extra_ldflags=openmp, verbose=False)
+    load(JIT_NAME, sources, extra_cflags=["-O3", *openmp, f"-DSGSD_HEADERS={_headers_digest()}"],
+         extra_ldflags=openmp, verbose=False)
+
+
+def _headers_digest() -> str:
+    """A digest of csrc/*.h. torch's JIT cache key hashes the .cpp sources and the flags, not the
+    headers they include: this flag makes an edited header (a new release's row_math.h) rebuild."""
+    digest = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(CSRC_DIR, "*.h"))):
+        with open(path, "rb") as fh:
+            digest.update(fh.read())
+    return digest.hexdigest()[:16]
 
 
 def _cached_build_exists() -> bool:

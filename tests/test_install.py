@@ -40,6 +40,9 @@ def test_kernels_compile_once_on_first_use(no_prebuilt, monkeypatch, capsys):
     assert sorted(Path(s).name for s in sources) == ["linear_divergence.cpp", "linear_logprobs.cpp", "module.cpp"]
     assert all(Path(s).is_file() for s in sources)  # shipped inside the package, not beside it
     assert not any(flag.startswith("-std=") for flag in kw["extra_cflags"])  # torch picks the standard
+    # torch's cache key covers sources and flags, not included headers: their digest is a flag
+    assert f"-DSGSD_HEADERS={_ext._headers_digest()}" in kw["extra_cflags"]
+    assert len(_ext._headers_digest()) == 16 and list(Path(_ext.CSRC_DIR).glob("*.h"))
     assert capsys.readouterr().err.count("compiling the C++ CPU kernels") == 1
 
 
