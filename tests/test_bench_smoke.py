@@ -1,6 +1,7 @@
 """Smoke test of `sgsd-fast bench`: the CLI runs a preset end to end at tiny shapes and writes results."""
 import json
 
+import pytest
 import torch
 
 from sgsd_fast.bench import e2e
@@ -53,3 +54,26 @@ def test_max_rollout_bisection():
     assert all(t % 64 == 0 for t in fake.probed)
     assert e2e.max_rollout(_FakeStepBench(limit=10), 1, lo=64, hi=4096, multiple=64)["max_t"] == 0
     assert e2e.max_rollout(_FakeStepBench(limit=10**6), 1, lo=64, hi=4096, multiple=64)["capped"]
+
+
+def test_gemm_units_floor_and_executed():
+    """Floor units (what any implementation must do) vs what ours executes: the store-free backward
+    adds one recompute; the CPU eager forward of a frozen weight does not; the divergence, whose
+    gradient is formed in its forward, executes the floor."""
+    from sgsd_fast.bench.kernels import KernelSpec
+    from sgsd_fast.bench.runner import PEAK_BF16_TFLOPS
+
+    unit = 2.0 * 64 * 100 * 8
+    trained, frozen = KernelSpec("logprobs", 64, 8, 100), KernelSpec("logprobs", 64, 8, 100, frozen_weight=True)
+    assert trained.gemm_flops() == 3 * unit and frozen.gemm_flops() == 2 * unit
+    assert trained.executed_flops("ours", "cpu") == 4 * unit == trained.executed_flops("ours", "cuda")
+    assert frozen.executed_flops("ours", "cpu") == 2 * unit and frozen.executed_flops("ours", "cuda") == 3 * unit
+    assert trained.executed_flops("naive", "cpu") == 3 * unit
+    sgsd, div = KernelSpec("sgsd_loss", 64, 8, 100, k=8), KernelSpec("divergence", 64, 8, 100, k=4)
+    assert sgsd.executed_flops("ours", "cuda") == (3 + 8 + 1) * unit
+    assert div.executed_flops("ours", "cpu") == div.gemm_flops() == (3 + 4) * unit
+    with pytest.raises(ValueError, match="frozen_weight"):
+        KernelSpec("divergence", 64, 8, 100, frozen_weight=True)
+    # first match wins: the Ti and PCIe variants come before their base names
+    names = list(PEAK_BF16_TFLOPS)
+    assert names.index("RTX 3090 Ti") < names.index("RTX 3090") and names.index("H100 PCIe") < names.index("H100")

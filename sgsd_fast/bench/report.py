@@ -10,7 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 
 KERNEL_COLUMNS = ["bench", "N", "H", "V", "K", "impl", "time ms", "peak MiB", "time ×ours", "mem ×ours",
-                  "% floor", "rel diff", "status"]
+                  "% floor", "% exec", "rel diff", "status"]
 E2E_COLUMNS = ["model", "K", "T", "impl", "step ms", "peak MiB", "time ×ours", "mem ×ours", "budget MiB",
                "max T", "loss", "status"]
 
@@ -49,6 +49,7 @@ def kernel_rows(records: list[dict]) -> list[list[str]]:
         rows.append([bench, str(r["n"]), str(r["h"]), str(r["v"]), str(r["k"]), r["impl"], _fmt(r.get("time_ms")),
                      _fmt(r.get("peak_mib")), _ratio(r, o, "time_ms"), _ratio(r, o, "peak_mib"),
                      _fmt(100 * r["floor_frac"], ".1f") if r.get("floor_frac") else "",
+                     _fmt(100 * r["exec_frac"], ".1f") if r.get("exec_frac") else "",
                      _fmt(r.get("rel_diff_vs_naive"), ".1e"), _status(r)])
     return rows
 

@@ -24,7 +24,10 @@ class PresetUnavailable(RuntimeError):
 
 # Dense bf16 tensor-core peak (TFLOP/s) by card name, for the fraction of the GEMM floor.
 # First match wins, so the PCIe variant precedes the plain "H100" (SXM).
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
+# Consumer cards: the "FP16/BF16 tensor with FP32 accumulate" dense rate of NVIDIA's Ampere / Ada
+# whitepapers (the rate with fp16 accumulation is twice that, and is not what these kernels use).
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "RTX 4090": 165.2,
+                    "RTX 3090 Ti": 80.0, "RTX 3090": 71.0}
 
 
 def cpu_model() -> str:
@@ -105,6 +108,8 @@ def run_kernel_spec(spec: kernels.KernelSpec, impls: tuple[str, ...], device: to
         recs[impl].update(time_ms=ms, repeats=n, tflops=spec.gemm_flops() / (ms * 1e-3) / 1e12)
         if peak_tflops:
             recs[impl]["floor_frac"] = recs[impl]["tflops"] / peak_tflops
+            # executed-FLOP utilization: the recompute a store-free backward adds counts as work done
+            recs[impl]["exec_frac"] = spec.executed_flops(impl, device.type) / (ms * 1e-3) / 1e12 / peak_tflops
         try:
             recs[impl]["peak_mib"] = measure.peak_mib(fns[impl], device)
         except Exception as err:  # noqa: BLE001 - as above
