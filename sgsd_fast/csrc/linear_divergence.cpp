@@ -94,59 +94,74 @@ at::Tensor stats_cpu(const at::Tensor& z) {
 // P fixed; a clipped entry has w_j = 0, as torch.clamp(max=c) passes the gradient where e <= c).
 // s_j = (z_j - ms) - ds and t_j = (y_j - mt) - dt are the student's and teacher's log-probs.
 // Sums go through kLanes float partials per kBlock entries (vectorizable, fixed order), then double.
+// A row is processed in blocks of kBlock entries: the log-probs s, t, then the exps (and the
+// JSD's log1p) in passes of their own (sgsd::exp_into, vectorized per ISA), then one arithmetic
+// pass forms e and w. Sums go through kLanes float partials per block, then double.
 template <typename T, Kind K, bool Grad, bool Clip>
-__attribute__((always_inline)) inline void accumulate_row(const T* z, const T* y, int64_t v, T ms, T ds, T mt, T dt,
-                                                          T beta, T log_beta, T log_1mb, T clip, T gg, T* a,
-                                                          double* loss, double* wsum) {
-  auto entry = [&](int64_t j, T& e_sum, T& w_sum) {
-    const T s = (z[j] - ms) - ds, t = (y[j] - mt) - dt;
-    T e, w;
-    if constexpr (K == Kind::kFkl) {
-      const T p = sgsd::vexp(t);
-      e = p * (t - s);
-      w = -p;
-    } else if constexpr (K == Kind::kRkl) {
-      // the "+1" (from dQ/ds) cancels in the chain rule unless clipping masks some entries
-      const T q = sgsd::vexp(s);
-      e = q * (s - t);
-      w = q * (s - t + T(1));
-    } else {
-      // log M = logaddexp(t + log beta, s + log(1 - beta)), stable when one side underflows
-      const T q = sgsd::vexp(s), p = sgsd::vexp(t);
-      const T lo_a = t + log_beta, lo_b = s + log_1mb;
-      const T hi = lo_a > lo_b ? lo_a : lo_b, lo = lo_a > lo_b ? lo_b : lo_a;
-      const T log_m = hi + sgsd::vlog1p_unit(sgsd::vexp(lo - hi));
-      const T wq = (T(1) - beta) * q * (s - log_m);
-      e = beta * p * (t - log_m) + wq;
-      w = wq;
-    }
-    if constexpr (Clip) {
-      const bool clipped = e > clip;
-      e = clipped ? clip : e;
-      w = clipped ? T(0) : w;
-    }
-    e_sum += e;
-    if constexpr (Grad) {
-      a[j] += gg * w;
-      w_sum += w;
-    }
-  };
+__attribute__((always_inline)) inline void accumulate_row(const T* __restrict__ z, const T* __restrict__ y, int64_t v,
+                                                          T ms, T ds, T mt, T dt, T beta, T log_beta, T log_1mb,
+                                                          T clip, T gg, T* __restrict__ a, double* loss,
+                                                          double* wsum) {
+  constexpr int L = sgsd::kLanes;
+  constexpr int64_t B = sgsd::kBlock;
+  T s[B], t[B], p[B], q[B], u[B], r[B];
   double l_total = 0, w_total = 0;
-  int64_t j = 0;
-  while (j + sgsd::kLanes <= v) {
-    const int64_t end = j + sgsd::kBlock < v ? j + sgsd::kBlock : v;
-    T le[sgsd::kLanes] = {}, lw[sgsd::kLanes] = {};
-    for (; j + sgsd::kLanes <= end; j += sgsd::kLanes)
-      for (int l = 0; l < sgsd::kLanes; ++l) entry(j + l, le[l], lw[l]);
-    for (int l = 0; l < sgsd::kLanes; ++l) {
+  for (int64_t j0 = 0; j0 < v; j0 += B) {
+    const int64_t n = v - j0 < B ? v - j0 : B;
+    for (int64_t j = 0; j < n; ++j) {
+      s[j] = (z[j0 + j] - ms) - ds;
+      t[j] = (y[j0 + j] - mt) - dt;
+    }
+    if constexpr (K != Kind::kRkl) sgsd::exp_into(t, n, p);
+    if constexpr (K != Kind::kFkl) sgsd::exp_into(s, n, q);
+    if constexpr (K == Kind::kJsd) {
+      // log M = logaddexp(t + log beta, s + log(1 - beta)) = hi + log1p(exp(lo - hi)), stable when
+      // one side underflows; u holds lo - hi, r its exp, then u = log1p(r).
+      for (int64_t j = 0; j < n; ++j) {
+        const T lo_a = t[j] + log_beta, lo_b = s[j] + log_1mb;
+        u[j] = lo_a > lo_b ? lo_b - lo_a : lo_a - lo_b;
+      }
+      sgsd::exp_into(u, n, r);
+      sgsd::log1p_unit_into(r, n, u);
+    }
+    T le[L] = {}, lw[L] = {};
+    int64_t j = 0;
+    auto one = [&](int64_t jj, T& e_acc, T& w_acc) {
+      T e, w;
+      if constexpr (K == Kind::kFkl) {
+        e = p[jj] * (t[jj] - s[jj]);
+        w = -p[jj];
+      } else if constexpr (K == Kind::kRkl) {
+        // the "+1" (from dQ/ds) cancels in the chain rule unless clipping masks some entries
+        e = q[jj] * (s[jj] - t[jj]);
+        w = q[jj] * (s[jj] - t[jj] + T(1));
+      } else {
+        const T lo_a = t[jj] + log_beta, lo_b = s[jj] + log_1mb;
+        const T log_m = (lo_a > lo_b ? lo_a : lo_b) + u[jj];
+        const T wq = (T(1) - beta) * q[jj] * (s[jj] - log_m);
+        e = beta * p[jj] * (t[jj] - log_m) + wq;
+        w = wq;
+      }
+      if constexpr (Clip) {
+        // torch.clamp(max=c) passes the gradient where e <= c; match it so ties agree with autograd.
+        const bool clipped = e > clip;
+        e = clipped ? clip : e;
+        w = clipped ? T(0) : w;
+      }
+      e_acc += e;
+      w_acc += w;
+      if constexpr (Grad) a[j0 + jj] += gg * w;
+    };
+    for (; j + L <= n; j += L)
+      for (int l = 0; l < L; ++l) one(j + l, le[l], lw[l]);
+    for (; j < n; ++j) one(j, le[0], lw[0]);
+    for (int l = 0; l < L; ++l) {
       l_total += le[l];
       w_total += lw[l];
     }
   }
-  T le = 0, lw = 0;
-  for (; j < v; ++j) entry(j, le, lw);
-  *loss = l_total + le;
-  *wsum = w_total + lw;
+  *loss = l_total;
+  *wsum = Grad ? w_total : 0.0;
 }
 
 // The 12 (kind, gradient, clip) variants behind one call; the float one compiled per ISA.

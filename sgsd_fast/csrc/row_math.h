@@ -203,6 +203,22 @@ constexpr int64_t kBlock = 1024;
   if (t != nullptr) *t = tt;
 }
 
+// out[j] = exp(x[j]) and out[j] = log(1 + x[j]) for x in [0, 1]: the transcendental passes of a
+// block, kept in loops of their own (a loop that mixes them with other work defeats the vectorizer).
+[[maybe_unused]] SGSD_CLONES static void exp_into(const float* __restrict__ x, int64_t n, float* __restrict__ out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = exp_f32(x[j]);
+}
+[[maybe_unused]] static void exp_into(const double* __restrict__ x, int64_t n, double* __restrict__ out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = std::exp(x[j]);
+}
+[[maybe_unused]] SGSD_CLONES static void log1p_unit_into(const float* __restrict__ x, int64_t n,
+                                                         float* __restrict__ out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = log1p_unit_f32(x[j]);
+}
+[[maybe_unused]] static void log1p_unit_into(const double* __restrict__ x, int64_t n, double* __restrict__ out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = std::log1p(x[j]);
+}
+
 // out[j] = a * exp(z[j] - shift) (out may alias z).
 [[maybe_unused]] SGSD_CLONES static void scaled_exp(const float* z, int64_t n, float shift, float a, float* out) {
   for (int64_t j = 0; j < n; ++j) out[j] = a * exp_f32(z[j] - shift);
