@@ -27,8 +27,9 @@ def _signature(kernel, constexprs: dict, dtype: str) -> dict:
         if name in constexprs:
             types[name] = "constexpr"
         elif name.endswith("_ptr"):
-            # targets are int64; per-row statistics, gradients and dz are fp32
-            types[name] = "*i64" if name == "tgt_ptr" else ptr if name in ("h_ptr", "w_ptr") else "*fp32"
+            # targets are int64; per-row statistics and gradients fp32; dz in the input dtype for
+            # half inputs (every table architecture is sm80+: `lowp_dz`), else fp32
+            types[name] = ("*i64" if name == "tgt_ptr" else ptr if name in ("h_ptr", "w_ptr", "dz_ptr") else "*fp32")
         elif name == "inv_temp":
             types[name] = "fp32"
         else:

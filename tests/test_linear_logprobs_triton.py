@@ -129,3 +129,24 @@ def test_backends_agree(triton_device):
     # Each backend is within tol of the fp64 truth, so they are within 2 tol of each other.
     for name, a, b in zip(("logp", "dx", "dw"), results["triton"], results["cpu"]):
         assert torch.all((a.double() - b.double()).abs() <= 2 * tol[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_dz_path(dtype, triton_device, monkeypatch):
+    """The sm80+ branch for half inputs: the kernel stores dz in the input dtype and dW accumulates
+    dz^T @ X with fp32 output. Forced on here (on CPU the dW GEMM is upcast, the same math); values
+    and both gradients stay within the float64 bound (its 2 u_out term covers dz's one rounding)."""
+    seen = []
+    real = kernels.lowp_dz
+    monkeypatch.setattr(kernels, "lowp_dz", lambda w: seen.append(w.dtype) or w.dtype in (torch.bfloat16,
+                                                                                        torch.float16) or real(w))
+    # 16 rows of half dz per chunk from the budget: several chunks of the fp32 accumulator
+    # The interpreter rounds float32 -> bf16/fp16 stores toward zero (measured: 1 + 0.75 * 2^-7 is
+    # stored as 1.0, even with fp_downcast_rounding="rtne"); a GPU rounds to nearest: one more u there.
+    truncating = triton_device.type == "cpu"
+    check_accuracy("triton", dtype, 1.3, n=N, dim=H, vocab=V, workspace_bytes=16 * V * 2, device=triton_device,
+                   dz_rounding=2 if truncating else 1)
+    assert seen and all(d == dtype for d in seen)
+    cpu = torch.device("cpu")
+    assert _triton_chunk_rows(V, dtype, 16 * V * 2, cpu, lowp=True) == 16
+    assert _triton_chunk_rows(V, dtype, 16 * V * 2, cpu, lowp=False) == 16 * 2 // 6

@@ -54,18 +54,16 @@ def _cpu_blocks(vocab: int, dtype: torch.dtype, budget: int) -> tuple[int, int]:
     return max(1, budget // (elem_bytes * tile)), tile
 
 
-def _triton_chunk_rows(vocab: int, weight_dtype: torch.dtype, budget: int, device: torch.device) -> int:
-    """Rows of the [rows, V] dz workspace (fp32, plus its cast copy for half weights) in `budget`,
-    rounded down to whole row blocks of the device's tile when there is room for one: otherwise
-    every chunk would end on a partly masked block of recompute programs."""
+def _triton_chunk_rows(vocab: int, weight_dtype: torch.dtype, budget: int, device: torch.device,
+                       lowp: bool = False) -> int:
+    """Rows of the [rows, V] dz workspace in `budget` (its bytes per row: `dz_row_bytes`), rounded
+    down to whole row blocks of the device's tile when there is room for one: otherwise every
+    chunk would end on a partly masked block of recompute programs."""
     from sgsd_fast.ops.triton.configs import tile_config
+    from sgsd_fast.ops.triton.logprobs import dz_row_bytes
 
     block_n = tile_config(device, weight_dtype).block_n
-    md = math_dtype(weight_dtype)
-    per_row = vocab * torch.finfo(md).bits // 8
-    if weight_dtype != md:
-        per_row += vocab * torch.finfo(weight_dtype).bits // 8
-    rows = max(1, budget // max(1, per_row))
+    rows = max(1, budget // max(1, dz_row_bytes(vocab, weight_dtype, lowp)))
     return rows if rows < block_n else rows - rows % block_n
 
 
@@ -97,9 +95,9 @@ def _backward_rows(hidden, weight, targets, grad, lse, temperature, need_dx, nee
         dx, dw = torch.ops.sgsd_fast.linear_logprobs_bwd(
             hidden, weight, targets, grad, lse, float(temperature), need_dx, need_dw, rows, tile)
         return (dx if need_dx else None), (dw if need_dw else None)
-    from sgsd_fast.ops.triton.logprobs import logprobs_backward
+    from sgsd_fast.ops.triton.logprobs import logprobs_backward, lowp_dz
 
-    rows = _triton_chunk_rows(weight.shape[0], weight.dtype, budget, weight.device)
+    rows = _triton_chunk_rows(weight.shape[0], weight.dtype, budget, weight.device, lowp_dz(weight))
     return logprobs_backward(hidden, weight, targets, grad, lse, float(temperature), need_dx, need_dw, rows)
 
 

@@ -7,14 +7,18 @@ per row plus the target logit. Splitting the vocabulary keeps the GPU busy when 
 rows; the per-split partials (O(N * splits) floats) are merged by a few torch ops afterwards.
 
 Backward: one kernel recomputes a row chunk's logits tile by tile and writes
-dz = grad * (onehot - softmax(z)) / temperature into a [chunk, V] fp32 workspace; torch GEMMs then
+dz = grad * (onehot - softmax(z)) / temperature into a [chunk, V] workspace; torch GEMMs then
 form dX = dz @ W and accumulate dW += dz^T @ X in fp32. Why not fuse the two GEMMs into the kernel
 (as Cut Cross-Entropy does): dW would need atomics across row blocks (non-deterministic fp32 sums)
 or per-block partials the size of W; the workspace route is deterministic, leaves the two large
-GEMMs to cuBLAS, and its memory is bounded by the caller's byte budget, independent of N. dX runs
-in the input dtype (tensor cores for bf16); dW is accumulated by an fp32 GEMM, the price of exact
-fp32 accumulation across chunks (a bf16 GEMM with an fp32 output, torch.addmm(..., out_dtype=),
-would be faster on CUDA; it needs a GPU to validate).
+GEMMs to cuBLAS, and its memory is bounded by the caller's byte budget, independent of N.
+For bf16/fp16 inputs on sm80+ (`lowp_dz`) the kernel writes dz in the input dtype (one rounding,
+the same one the dX GEMM's operand always had) and both GEMMs run on tensor cores with fp32
+output: dW += dz^T @ X through `torch.addmm(..., out_dtype=float32)` into the fp32 accumulator,
+so chunks still sum in fp32 and no fp32 SGEMM or fp32 copy of X is formed. Elsewhere (fp32
+inputs, older GPUs, the interpreter) dz is fp32 and dW an fp32 GEMM. The tensor-core branch has
+not run on a GPU yet; under the interpreter the tests run it with the dW GEMM upcast (CPU torch
+has no out_dtype GEMM), which checks the kernel's low-precision store and the rounding of dz.
 
 Tile shapes and launch parameters come from `configs.tile_config` (by architecture and operand
 dtype; every entry is compiled ahead of time for its architecture by the tests), or from the
@@ -126,6 +130,8 @@ def _dlogits_kernel(h_ptr, w_ptr, tgt_ptr, g_ptr, lse_ptr, dz_ptr,
     p = tl.exp(tl.where(col_ok[None, :], z - lse[:, None], float("-inf")))
     onehot = tl.where(offs_v[None, :] == tgt[:, None], 1.0, 0.0).to(ACC_DTYPE)
     dz = g[:, None] * (onehot - p) * inv_temp
+    # dz is fp32 here; a half workspace (lowp_dz) gets it rounded to nearest even, stated explicitly.
+    dz = dz.to(dz_ptr.dtype.element_ty, fp_downcast_rounding="rtne" if dz_ptr.dtype.element_ty != ACC_DTYPE else None)
     tl.store(dz_ptr + offs_n[:, None] * stride_dzn + offs_v[None, :], dz, mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -213,16 +219,17 @@ def logprobs_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(dX in hidden's dtype or None, dW in weight's dtype or None) for compacted rows.
 
-    chunk_rows bounds the [chunk_rows, V] fp32 dz workspace (plus, for half inputs, its cast copy).
+    chunk_rows bounds the [chunk_rows, V] dz workspace (`dz_row_bytes` per row).
     """
     n_rows, hidden_dim = hidden.shape
     vocab = weight.shape[0]
     math_dtype, acc = _acc_dtype(hidden.dtype)
     cfg = config or tile_config(hidden.device, hidden.dtype)
+    lowp = lowp_dz(weight)
     dx = torch.empty_like(hidden, memory_format=torch.contiguous_format) if compute_dx else None
     dw_acc = torch.zeros(weight.shape, dtype=math_dtype, device=weight.device) if compute_dw else None
     rows_max = max(1, min(chunk_rows, n_rows))
-    workspace = torch.empty((rows_max, vocab), dtype=math_dtype, device=hidden.device)
+    workspace = torch.empty((rows_max, vocab), dtype=weight.dtype if lowp else math_dtype, device=hidden.device)
     for r0 in range(0, n_rows, rows_max):
         rows = min(rows_max, n_rows - r0)
         h = hidden[r0:r0 + rows]
@@ -239,7 +246,35 @@ def logprobs_backward(
             # dX rows come out in hidden's dtype anyway, so the GEMM runs in it (fp32 accumulate).
             torch.mm(dz.to(weight.dtype), weight, out=dx[r0:r0 + rows])
         if compute_dw:
-            # dW is summed over chunks in the math dtype so that bf16 rounding never accumulates.
-            dw_acc.addmm_(dz.t(), h.to(math_dtype))
+            # dW is summed over chunks in fp32 so that bf16 rounding never accumulates.
+            if lowp:
+                _addmm_fp32_out(dw_acc, dz.t(), h)
+            else:
+                dw_acc.addmm_(dz.t(), h.to(math_dtype))
     dw = dw_acc.to(weight.dtype) if compute_dw else None
     return dx, dw
+
+
+def lowp_dz(weight: torch.Tensor) -> bool:
+    """Whether dz is written in the input dtype and the gradient GEMMs run on tensor cores."""
+    return (weight.device.type == "cuda" and weight.dtype in (torch.bfloat16, torch.float16)
+            and torch.cuda.get_device_capability(weight.device)[0] >= 8)
+
+
+def dz_row_bytes(vocab: int, weight_dtype: torch.dtype, lowp: bool) -> int:
+    """Workspace bytes per dz row: V in the input dtype (lowp), else V fp32 (+ the cast copy the dX
+    GEMM takes for half weights)."""
+    half = torch.finfo(weight_dtype).bits // 8
+    if lowp:
+        return vocab * half
+    md = torch.float64 if weight_dtype == torch.float64 else torch.float32
+    return vocab * (torch.finfo(md).bits // 8 + (half if weight_dtype != md else 0))
+
+
+def _addmm_fp32_out(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b with half operands and fp32 accumulation/output (tensor cores on CUDA); CPU
+    torch has no out_dtype GEMM, so there (tests under the interpreter) the operands are upcast."""
+    if acc.device.type == "cuda":
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
