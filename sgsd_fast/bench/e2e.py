@@ -40,6 +40,7 @@ class E2EConfig:
     dtype: str = "float32"
     grad_ckpt: bool = False
     vocab_size: int | None = None  # overrides the model's vocabulary (smaller = faster tests)
+    layers: int | None = None  # overrides the number of decoder layers (real width, fewer layers)
 
 
 def model_config(name: str):
@@ -68,6 +69,10 @@ def build_model(cfg: E2EConfig, device: torch.device) -> torch.nn.Module:
     config = model_config(cfg.model)
     if cfg.vocab_size is not None:
         config.vocab_size = cfg.vocab_size
+    if cfg.layers is not None:
+        config.num_hidden_layers = cfg.layers
+        if getattr(config, "layer_types", None) is not None:
+            config.layer_types = config.layer_types[:cfg.layers]
     config._attn_implementation = "sdpa"
     # Built in the default dtype, then cast: older transformers take no dtype argument here.
     with torch.device(device):
