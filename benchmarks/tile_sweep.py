@@ -44,7 +44,7 @@ def main() -> int:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     n, h, v = (8192, 2048, 151936) if cuda else (48, 40, 300)
-    arch = configs._arch(device) if cuda else 90
+    arch = configs.architecture(device) if cuda else 90
     if arch not in configs.TABLE:
         print(f"tile_sweep: no configurations listed for this architecture ({arch})", file=sys.stderr)
         return 1

@@ -435,17 +435,23 @@ class TrainConfig:
         """Build from a mapping (e.g. parsed YAML); unknown keys are an error that suggests the closest field.
         Deprecated field names (`DEPRECATED_FIELDS`) are renamed, with a FutureWarning, and `ALIASES` silently."""
         values = canonical_fields(values)
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in values:
-            if key not in names:
-                close = difflib.get_close_matches(str(key), names, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ConfigError(f"unknown config field {key!r}{hint}")
+        check_field_names(values)
         return cls(**{k: coerce_field(k, v) for k, v in values.items()})
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> TrainConfig:
         return cls.from_dict(read_yaml(path))
+
+
+def check_field_names(values: dict[str, Any], *, where: str = "") -> None:
+    """ConfigError for the first key of `values` (canonical spellings) that is no TrainConfig field,
+    suggesting the closest one; `where` prefixes the message (e.g. "--config 'x.yaml': ")."""
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}unknown config field {key!r}{hint}")
 
 
 def canonical_fields(values: dict[str, Any]) -> dict[str, Any]:

@@ -257,3 +257,13 @@ def test_cli_reads_a_training_yaml_and_reports_one_line_errors(tmp_path, capsys)
     assert main(["plan", "--model", "./missing-folder"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "'model'" in err  # TrainConfig's own check of the field
+
+
+def test_cli_refuses_a_misspelt_yaml_field(tmp_path, capsys):
+    # plan keeps only memory fields; a misspelt one must be an error, as in `sgsd-fast train`
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("model: Qwen/Qwen3-1.7B\nmax_new_token: 256\n")
+    assert main(["plan", "--config", str(yaml_file)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "unknown config field 'max_new_token' (did you mean 'max_new_tokens'?)" in err and str(yaml_file) in err

@@ -64,12 +64,10 @@ class KernelSpec:
     def executed_flops(self, impl: str, device_type: str) -> float:
         """GEMM FLOPs `impl` actually executes (>= gemm_flops): the store-free backward recomputes
         the logits (one unit more); on CPU a frozen weight's eager forward does not."""
-        units = _STUDENT_UNITS[self.bench] - self.frozen_weight + _TEACHER_UNITS[self.bench] * self.k
         # linear_divergence forms its gradient during the forward: no recompute.
-        if impl == "ours" and self.bench in ("logprobs", "sgsd_loss"):
-            eager = self.bench == "logprobs" and self.frozen_weight and device_type == "cpu"
-            units += 0 if eager else 1
-        return units * 2.0 * self.n * self.v * self.h
+        recompute = impl == "ours" and self.bench in ("logprobs", "sgsd_loss") and not (
+            self.bench == "logprobs" and self.frozen_weight and device_type == "cpu")
+        return self.gemm_flops() + recompute * 2.0 * self.n * self.v * self.h
 
     def naive_bytes(self) -> int:
         """Rough peak of the naive version, for skipping shapes the machine cannot hold."""

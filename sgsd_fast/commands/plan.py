@@ -47,15 +47,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _plan(ns: argparse.Namespace) -> None:
-    from sgsd_fast.config import DEPRECATED_FIELDS, TrainConfig, canonical_fields, read_yaml
+    from sgsd_fast.config import DEPRECATED_FIELDS, canonical_fields, check_field_names, read_yaml
     from sgsd_fast.train.plan import PLAN_FIELDS, estimate, format_plan, largest_rollout, plan_settings
     from sgsd_fast.train.shapes import resolve_model_shape
 
     values = canonical_fields(read_yaml(ns.config)) if ns.config else {}
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"--config: unknown config field(s) {unknown} in {ns.config!r}")
+    # plan_settings keeps only the memory-relevant fields: a misspelt one must not vanish silently.
+    check_field_names(values, where=f"--config {ns.config!r}: ")
     flags = set(PLAN_FIELDS) | set(DEPRECATED_FIELDS)  # an old flag name is renamed, with its warning
     values.update(canonical_fields({k: v for k, v in vars(ns).items() if k in flags}))
     settings = plan_settings(values, prompt_length=ns.prompt_length, teacher_prompt_length=ns.teacher_prompt_length,

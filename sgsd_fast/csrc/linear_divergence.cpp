@@ -93,10 +93,10 @@ at::Tensor stats_cpu(const at::Tensor& z) {
 // and sum_j w_j into *wsum, where e_j is the summand of the divergence and w_j = de_j/ds_j (s free,
 // P fixed; a clipped entry has w_j = 0, as torch.clamp(max=c) passes the gradient where e <= c).
 // s_j = (z_j - ms) - ds and t_j = (y_j - mt) - dt are the student's and teacher's log-probs.
-// Sums go through kLanes float partials per kBlock entries (vectorizable, fixed order), then double.
 // A row is processed in blocks of kBlock entries: the log-probs s, t, then the exps (and the
-// JSD's log1p) in passes of their own (sgsd::exp_into, vectorized per ISA), then one arithmetic
-// pass forms e and w. Sums go through kLanes float partials per block, then double.
+// JSD's log1p) in passes of their own (sgsd::exp_into, vectorized per ISA: GCC does not vectorize
+// the fused loop), then one arithmetic pass forms e and w. Sums go through kLanes float partials
+// per block (fixed order), then double.
 template <typename T, Kind K, bool Grad, bool Clip>
 __attribute__((always_inline)) inline void accumulate_row(const T* __restrict__ z, const T* __restrict__ y, int64_t v,
                                                           T ms, T ds, T mt, T dt, T beta, T log_beta, T log_1mb,

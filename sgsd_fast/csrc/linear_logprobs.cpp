@@ -154,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
         lse_p[r0 + i] = static_cast<scalar_t>(st.m + log_s);
         logp_p[r0 + i] = static_cast<scalar_t>((st.zt - st.m) - log_s);
         if (with_entropy) ent_p[r0 + i] = static_cast<scalar_t>(log_s - st.t / st.s);
-        alpha_p[i] = static_cast<scalar_t>(1.0 / st.s);
+        alpha_p[i] = static_cast<scalar_t>(1.0 / st.s);  // the alpha column now holds 1/s, for D / s
       }
       if (eager_dx) {
         // dlogp/dX = (W[target] - D / s) / temperature

@@ -93,8 +93,6 @@ inline float log1p_unit_f32(float u) {
 
 inline float vexp(float x) { return exp_f32(x); }
 inline double vexp(double x) { return std::exp(x); }
-inline float vlog1p_unit(float u) { return log1p_unit_f32(u); }
-inline double vlog1p_unit(double u) { return std::log1p(u); }
 
 // max_j z[j] (-inf for n == 0).
 [[maybe_unused]] SGSD_CLONES static float row_max(const float* z, int64_t n) {
@@ -120,23 +118,23 @@ inline double vlog1p_unit(double u) { return std::log1p(u); }
 // so the rounding of a 150k-term row stays at the level of a 1k-term float sum.
 constexpr int64_t kBlock = 1024;
 
-[[maybe_unused]] SGSD_CLONES static void exp_sums(const float* z, int64_t n, float shift, double* s, double* t) {
+// The float sweep behind exp_sums and exp_sums_store: Store writes exp(z - shift) to out (which
+// may be z itself), WithT also sums e * d.
+template <bool Store, bool WithT>
+__attribute__((always_inline)) inline void exp_sums_f32(const float* z, int64_t n, float shift, float* out,
+                                                        double* s, double* t) {
   double ss = 0, tt = 0;
   int64_t j = 0;
   for (; j + kLanes <= n;) {
     const int64_t end = j + kBlock < n ? j + kBlock : n;
     float ls[kLanes] = {}, lt[kLanes] = {};
-    if (t != nullptr) {
-      for (; j + kLanes <= end; j += kLanes)
-        for (int l = 0; l < kLanes; ++l) {
-          const float d = z[j + l] - shift, e = exp_f32(d);
-          ls[l] += e;
-          lt[l] += e * d;
-        }
-    } else {
-      for (; j + kLanes <= end; j += kLanes)
-        for (int l = 0; l < kLanes; ++l) ls[l] += exp_f32(z[j + l] - shift);
-    }
+    for (; j + kLanes <= end; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) {
+        const float d = z[j + l] - shift, e = exp_f32(d);
+        if constexpr (Store) out[j + l] = e;
+        ls[l] += e;
+        if constexpr (WithT) lt[l] += e * d;
+      }
     for (int l = 0; l < kLanes; ++l) {
       ss += ls[l];
       tt += lt[l];
@@ -144,11 +142,19 @@ constexpr int64_t kBlock = 1024;
   }
   for (; j < n; ++j) {
     const float d = z[j] - shift, e = exp_f32(d);
+    if constexpr (Store) out[j] = e;
     ss += e;
     tt += static_cast<double>(e) * d;
   }
   *s = ss;
-  if (t != nullptr) *t = tt;
+  if constexpr (WithT) *t = tt;
+}
+
+[[maybe_unused]] SGSD_CLONES static void exp_sums(const float* z, int64_t n, float shift, double* s, double* t) {
+  if (t != nullptr)
+    exp_sums_f32<false, true>(z, n, shift, nullptr, s, t);
+  else
+    exp_sums_f32<false, false>(z, n, shift, nullptr, s, t);
 }
 
 [[maybe_unused]] static void exp_sums(const double* z, int64_t n, double shift, double* s, double* t) {
@@ -164,31 +170,10 @@ constexpr int64_t kBlock = 1024;
 
 // exp_sums that also overwrites z[j] with exp(z[j] - shift) (one exp per element for both).
 [[maybe_unused]] SGSD_CLONES static void exp_sums_store(float* z, int64_t n, float shift, double* s, double* t) {
-  double ss = 0, tt = 0;
-  int64_t j = 0;
-  for (; j + kLanes <= n;) {
-    const int64_t end = j + kBlock < n ? j + kBlock : n;
-    float ls[kLanes] = {}, lt[kLanes] = {};
-    for (; j + kLanes <= end; j += kLanes)
-      for (int l = 0; l < kLanes; ++l) {
-        const float d = z[j + l] - shift, e = exp_f32(d);
-        z[j + l] = e;
-        ls[l] += e;
-        lt[l] += e * d;
-      }
-    for (int l = 0; l < kLanes; ++l) {
-      ss += ls[l];
-      tt += lt[l];
-    }
-  }
-  for (; j < n; ++j) {
-    const float d = z[j] - shift, e = exp_f32(d);
-    z[j] = e;
-    ss += e;
-    tt += static_cast<double>(e) * d;
-  }
-  *s = ss;
-  if (t != nullptr) *t = tt;
+  if (t != nullptr)
+    exp_sums_f32<true, true>(z, n, shift, z, s, t);
+  else
+    exp_sums_f32<true, false>(z, n, shift, z, s, t);
 }
 
 [[maybe_unused]] static void exp_sums_store(double* z, int64_t n, double shift, double* s, double* t) {

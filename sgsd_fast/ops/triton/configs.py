@@ -60,7 +60,8 @@ TABLE: dict[int, dict[str, list[TileConfig]]] = {
 TABLE[89] = TABLE[86]  # Ada's consumer parts share Ampere consumer's 99 KiB limit
 
 
-def _arch(device: torch.device) -> int:
+def architecture(device: torch.device) -> int:
+    """The TABLE key for a CUDA device (0 when no listed architecture is at or below it)."""
     major, minor = torch.cuda.get_device_capability(device)
     arch = major * 10 + minor
     # Closest known architecture at or below this one (sm_87 -> 86, sm_120 -> 90, ...).
@@ -80,5 +81,5 @@ def tile_config(device: torch.device, dtype: torch.dtype) -> TileConfig:
     cls = operand_class(dtype)
     if device.type != "cuda" or cls is None:
         return DEFAULT
-    arch = _arch(device)
+    arch = architecture(device)
     return TABLE[arch][cls][0] if arch in TABLE else DEFAULT
