@@ -51,11 +51,13 @@ def compile_all(first_only: bool) -> list[dict]:
             dtype = "bf16" if cls == "half" else "fp32"
             for rank, cfg in enumerate(entries[:1] if first_only else entries):
                 for kernel, extra in ((logprobs._forward_kernel, {"WITH_ENTROPY": True}),
-                                      (logprobs._dlogits_kernel, {})):
+                                      (logprobs._dlogits_kernel, {"GROUP_N": cfg.group_n})):
+                    # what `configs.dot_precision` gives on sm80+: tf32x3 for fp32 operands
                     constexprs = dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
-                                      ACC_DTYPE=tl.float32, DOT_PRECISION=logprobs._DOT_PRECISION,
+                                      ACC_DTYPE=tl.float32, DOT_PRECISION="tf32x3" if dtype == "fp32" else "ieee",
                                       UPCAST_OPERANDS=False, **extra)
                     rec = dict(arch=f"sm_{arch}", dtype=dtype, kernel=kernel.fn.__name__, rank=rank,
+                               precision=constexprs["DOT_PRECISION"],
                                tile=[cfg.block_n, cfg.block_v, cfg.block_h], num_warps=cfg.num_warps,
                                num_stages=cfg.num_stages, limit=configs.SHARED_MEMORY_LIMIT[arch])
                     t0 = time.perf_counter()

@@ -67,6 +67,25 @@ def _triton_chunk_rows(vocab: int, weight_dtype: torch.dtype, budget: int, devic
     return rows if rows < block_n else rows - rows % block_n
 
 
+def _triton_blocks(n_rows: int, vocab: int, weight_dtype: torch.dtype, budget: int, device: torch.device,
+                   lowp: bool = False) -> tuple[int, int]:
+    """(chunk_rows, slab_cols) of the Triton backward's dz workspace in `budget`: vocabulary slabs
+    of all N rows when V > N (the accumulator is then [N, H] rather than [V, H]: see
+    ops/triton/logprobs.py), their width rounded down to whole vocabulary tiles; row chunks of the
+    whole vocabulary (`_triton_chunk_rows`) when N >= V, when the slab order does not apply to the
+    dtype, or when the budget holds no tile-wide slab of N rows."""
+    from sgsd_fast.ops.triton.configs import tile_config
+    from sgsd_fast.ops.triton.logprobs import dz_row_bytes, slab_order_allowed
+
+    row_bytes = dz_row_bytes(vocab, weight_dtype, lowp)
+    if vocab > n_rows and n_rows * row_bytes > budget and slab_order_allowed(weight_dtype, lowp):
+        block_v = tile_config(device, weight_dtype).block_v
+        cols = budget * vocab // (n_rows * row_bytes)
+        if cols >= block_v:
+            return n_rows, cols - cols % block_v
+    return _triton_chunk_rows(vocab, weight_dtype, budget, device, lowp), vocab
+
+
 def _forward_rows(hidden, weight, targets, temperature, with_entropy, backend, budget, eager_dx=False):
     """(logp, lse, entropy or None, dlogp/dX or None) of compacted rows, in the math dtype.
 
@@ -97,8 +116,8 @@ def _backward_rows(hidden, weight, targets, grad, lse, temperature, need_dx, nee
         return (dx if need_dx else None), (dw if need_dw else None)
     from sgsd_fast.ops.triton.logprobs import logprobs_backward, lowp_dz
 
-    rows = _triton_chunk_rows(weight.shape[0], weight.dtype, budget, weight.device, lowp_dz(weight))
-    return logprobs_backward(hidden, weight, targets, grad, lse, float(temperature), need_dx, need_dw, rows)
+    rows, cols = _triton_blocks(hidden.shape[0], weight.shape[0], weight.dtype, budget, weight.device, lowp_dz(weight))
+    return logprobs_backward(hidden, weight, targets, grad, lse, float(temperature), need_dx, need_dw, rows, cols)
 
 
 def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:

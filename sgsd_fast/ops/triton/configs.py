@@ -1,7 +1,10 @@
 """Tile configurations of the log-prob kernels by GPU architecture, and how one is chosen.
 
 A configuration is the logit tile (BLOCK_N rows x BLOCK_V vocabulary entries), the K step
-(BLOCK_H) of its `tl.dot` loop, and the launch's warps and software-pipeline stages. Pipelining
+(BLOCK_H) of its `tl.dot` loop, the launch's warps and software-pipeline stages, and the launch
+order of the backward's tile grid (GROUP_N: programs run GROUP_N row blocks across all vocabulary
+tiles before moving on, so the hidden-state blocks and weight tiles that resident programs share
+stay in L2 instead of every wave walking all row blocks of one vocabulary tile). Pipelining
 keeps `num_stages` copies of the two operand tiles in shared memory, which is what bounds a
 configuration on consumer cards: 99 KiB per block on sm_86 / sm_89 (RTX 3090 / 4090) against
 163 KiB on sm_80 (A100) and 227 KiB on sm_90 (H100 / H200).
@@ -10,9 +13,19 @@ configuration on consumer cards: 99 KiB per block on sm_86 / sm_89 (RTX 3090 / 4
 `tests/test_triton_aot.py` compiles every entry ahead of time for its architecture (Triton needs
 no GPU for that) and checks that its shared memory fits the limit below; the interpreter tests run
 the kernels with each entry's tile shape. Which entry is *fastest* is a GPU measurement: the
-`gpu_check.sh` tile sweep (`benchmarks/tile_sweep.py`) times each at the check shape. Until it
-has run, the first entry is a choice by reasoning (bigger tiles on cards with more shared memory,
-bf16 tiles twice as wide in K as fp32 ones at the same bytes), not a measured optimum.
+`gpu_check.sh` tile sweep (`benchmarks/tile_sweep.py`) times each at the check shape (and the
+launched one with GROUP_N = 1 and with IEEE fp32 dots, to price those two choices). Until it has
+run, the first entry is a choice by reasoning (bigger tiles on cards with more shared memory, bf16
+tiles twice as wide in K as fp32 ones at the same bytes), not a measured optimum.
+
+fp32 operands are multiplied with `"tf32x3"` dots on sm80+ (`dot_precision`): each operand split
+into a TF32 high part and a TF32 remainder, three tensor-core products (hi*hi + hi*lo + lo*hi),
+fp32 accumulation. The dropped lo*lo term and the two remainders' roundings leave at most about
+3 x 2^-22 = 12 u (u = 2^-24) of |a||b| per product, against the K u of a K-term fp32 sum: the
+tests' float64-derived bound counts it as 16 extra terms of the logit's dot product
+(tests/test_linear_logprobs.py, TF32X3_EXTRA_TERMS). IEEE fp32 dots run on the FMA units at a
+fraction of the tensor-core rate. `SGSD_TRITON_FP32_DOT=ieee` restores them. bf16 /
+fp16 products are exact in fp32 and not affected.
 
 Under the interpreter (CPU tests) and for float64, `DEFAULT` is used: the 64 x 64 x 32 tile the
 kernels were validated with, whose tl.dot shapes the interpreter runs quickly.
@@ -20,6 +33,8 @@ kernels were validated with, whose tl.dot shapes the interpreter runs quickly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import os
 
 import torch
 
@@ -31,6 +46,7 @@ class TileConfig:
     block_h: int
     num_warps: int
     num_stages: int
+    group_n: int = 8
 
     def shared_bytes(self, elem_bytes: int) -> int:
         """Shared memory of the pipelined operand tiles (what the compiler reports, give or take
@@ -67,6 +83,20 @@ def architecture(device: torch.device) -> int:
     # Closest known architecture at or below this one (sm_87 -> 86, sm_120 -> 90, ...).
     known = [a for a in TABLE if a <= arch]
     return max(known) if known else 0
+
+
+FP32_DOT_CHOICES = ("tf32x3", "ieee")
+
+
+def dot_precision(device: torch.device, dtype: torch.dtype) -> str:
+    """`tl.dot` input precision for `dtype` operands on `device`: "tf32x3" for fp32 on sm80+ (unless
+    SGSD_TRITON_FP32_DOT=ieee), else "ieee" (half products are exact; fp64 and the interpreter)."""
+    if dtype != torch.float32 or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 8:
+        return "ieee"
+    choice = os.environ.get("SGSD_TRITON_FP32_DOT", "tf32x3")
+    if choice not in FP32_DOT_CHOICES:
+        raise ValueError(f"SGSD_TRITON_FP32_DOT: expected one of {FP32_DOT_CHOICES}, got {choice!r}")
+    return choice
 
 
 def operand_class(dtype: torch.dtype) -> str | None:
