@@ -47,6 +47,12 @@ def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
     return mp - b * mt, b
 
 
+def last_slope(points: list[tuple[int, float]]) -> float:
+    """MiB per token of the last measured segment of (T, MiB) points by increasing T."""
+    (t0, p0), (t1, p1) = points[-2], points[-1]
+    return (p1 - p0) / (t1 - t0)
+
+
 def longest_t(points: list[tuple[int, float]], budget_mib: float) -> float:
     """The longest T whose peak fits `budget_mib` (0 if none): interpolated between the measured
     points that bracket it, else extrapolated from the largest one by the last segment's slope
@@ -56,8 +62,7 @@ def longest_t(points: list[tuple[int, float]], budget_mib: float) -> float:
     for (t0, p0), (t1, p1) in zip(points, points[1:]):
         if p1 > budget_mib:
             return t0 + (budget_mib - p0) * (t1 - t0) / (p1 - p0)
-    (t0, p0), (t1, p1) = points[-2], points[-1]
-    slope = (p1 - p0) / (t1 - t0)
+    slope, (t1, p1) = last_slope(points), points[-1]
     return t1 + (budget_mib - p1) / slope if slope > 0 else float("inf")
 
 
@@ -77,9 +82,8 @@ def summarize(records: list[dict], budgets_gib: list[float]) -> tuple[dict, str]
             t = longest_t(points, g * 1024)
             max_t[str(g)] = (f"> {cap:,} (cap)" if t > cap else f"{int(t):,} (beyond measured)" if t > largest
                              else f"{int(t):,}" if t > 0 else f"< {points[0][0]:,}")
-        last = (points[-1][1] - points[-2][1]) / (points[-1][0] - points[-2][0])
         fits[impl] = {"static_mib": round(a, 1), "mib_per_token": round(slope, 4),
-                      "mib_per_token_last": round(last, 4), "max_t": max_t, "measured_t": [t for t, _ in points]}
+                      "mib_per_token_last": round(last_slope(points), 4), "max_t": max_t, "measured_t": [t for t, _ in points]}
     lines = ["| impl | T | peak MiB | step s | loss |", "|---|---|---|---|---|"]
     lines += [f"| {r['impl']} | {r['t']} | {r['peak_mib']:.0f} | {r['step_s']:.1f} | {r['loss']:.6g} |"
               for r in records]

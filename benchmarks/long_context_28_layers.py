@@ -41,11 +41,14 @@ MiB, GiB = 2**20, 2**30
 LOSS_MOMENTS = ("loss forward", "loss backward")
 
 
-def update_total(static: int, moments: dict[str, int], loss_extra: int) -> int:
-    """Bytes of the update phase as the plan totals a peak phase (static + phase + context + margin),
-    with `loss_extra` added to the loss moments only."""
-    phase = max(b + (loss_extra if name in LOSS_MOMENTS else 0) for name, b in moments.items())
+def phase_total(static: int, phase: int) -> int:
+    """Bytes of a phase as the plan totals its peak phase: static + phase + its margin + the context."""
     return int(static + phase * (1 + FRAGMENTATION) + CUDA_CONTEXT_BYTES)
+
+
+def update_total(static: int, moments: dict[str, int], loss_extra: int) -> int:
+    """`phase_total` of the update, with `loss_extra` added to the loss moments only."""
+    return phase_total(static, max(b + (loss_extra if name in LOSS_MOMENTS else 0) for name, b in moments.items()))
 
 
 def measured_excess(measured: Path) -> float:
@@ -77,7 +80,7 @@ class Model:
         moments, fused = plan.details["update_moments"], plan.details["fused_loss_bytes"]
         tokens = self.settings.cfg.micro_batch_size * t  # completion tokens of one micro-batch: what the loss sees
         out = dict(t=t, ours_update=update_total(plan.static_bytes, moments, 0),
-                   generation=int(plan.static_bytes + plan.phases["generation"] * (1 + FRAGMENTATION) + CUDA_CONTEXT_BYTES))
+                   generation=phase_total(plan.static_bytes, plan.phases["generation"]))
         for key, per in self.per_token.items():
             out[key] = update_total(plan.static_bytes, moments, int(tokens * per) - fused)
         return out

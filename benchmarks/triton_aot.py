@@ -38,6 +38,7 @@ def _signature(kernel, constexprs: dict, dtype: str) -> dict:
 
 
 def compile_all(first_only: bool) -> list[dict]:
+    import torch
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -52,12 +53,12 @@ def compile_all(first_only: bool) -> list[dict]:
             for rank, cfg in enumerate(entries[:1] if first_only else entries):
                 for kernel, extra in ((logprobs._forward_kernel, {"WITH_ENTROPY": True}),
                                       (logprobs._dlogits_kernel, {"GROUP_N": cfg.group_n})):
-                    # what `configs.dot_precision` gives on sm80+: tf32x3 for fp32 operands
+                    precision = configs.arch_dot_precision(arch, torch.bfloat16 if cls == "half" else torch.float32)
                     constexprs = dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
-                                      ACC_DTYPE=tl.float32, DOT_PRECISION="tf32x3" if dtype == "fp32" else "ieee",
+                                      ACC_DTYPE=tl.float32, DOT_PRECISION=precision,
                                       UPCAST_OPERANDS=False, **extra)
                     rec = dict(arch=f"sm_{arch}", dtype=dtype, kernel=kernel.fn.__name__, rank=rank,
-                               precision=constexprs["DOT_PRECISION"],
+                               precision=precision,
                                tile=[cfg.block_n, cfg.block_v, cfg.block_h], num_warps=cfg.num_warps,
                                num_stages=cfg.num_stages, limit=configs.SHARED_MEMORY_LIMIT[arch])
                     t0 = time.perf_counter()

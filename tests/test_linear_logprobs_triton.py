@@ -278,3 +278,17 @@ def test_grouped_launch_writes_every_dz_entry_once(group_n, triton_device):
                                        + 3 * u * (onehot[:, 37:] - p).abs())
     excess = (dz - expected).abs() - tol
     assert (excess <= 0).all(), f"worst excess {excess.max().item():.3e}"
+
+
+def test_dot_precision_by_architecture(monkeypatch):
+    """tf32x3 for fp32 from sm_80 on, IEEE below it, for half / fp64 operands and off CUDA; the
+    environment override is honoured and a misspelt value is refused, naming the variable."""
+    monkeypatch.delenv("SGSD_TRITON_FP32_DOT", raising=False)
+    assert [configs.arch_dot_precision(a, torch.float32) for a in (0, 80, 86, 89, 90)] == ["ieee"] + ["tf32x3"] * 4
+    assert {configs.arch_dot_precision(90, d) for d in (torch.bfloat16, torch.float16, torch.float64)} == {"ieee"}
+    assert configs.dot_precision(torch.device("cpu"), torch.float32) == "ieee"
+    monkeypatch.setenv("SGSD_TRITON_FP32_DOT", "ieee")
+    assert configs.arch_dot_precision(90, torch.float32) == "ieee"
+    monkeypatch.setenv("SGSD_TRITON_FP32_DOT", "tf32")
+    with pytest.raises(ValueError, match="SGSD_TRITON_FP32_DOT: expected one of"):
+        configs.arch_dot_precision(80, torch.float32)

@@ -89,9 +89,16 @@ FP32_DOT_CHOICES = ("tf32x3", "ieee")
 
 
 def dot_precision(device: torch.device, dtype: torch.dtype) -> str:
-    """`tl.dot` input precision for `dtype` operands on `device`: "tf32x3" for fp32 on sm80+ (unless
-    SGSD_TRITON_FP32_DOT=ieee), else "ieee" (half products are exact; fp64 and the interpreter)."""
-    if dtype != torch.float32 or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 8:
+    """`tl.dot` input precision for `dtype` operands on `device` (`arch_dot_precision` of its
+    architecture; "ieee" off CUDA: the interpreter, whose dots are IEEE anyway)."""
+    return arch_dot_precision(architecture(device) if device.type == "cuda" else 0, dtype)
+
+
+def arch_dot_precision(arch: int, dtype: torch.dtype) -> str:
+    """`tl.dot` input precision on TABLE architecture `arch` (0: none listed): "tf32x3" for fp32 on
+    sm80+ (unless SGSD_TRITON_FP32_DOT=ieee), else "ieee" (half products are exact; fp64). Also what
+    the ahead-of-time compile check builds for each architecture."""
+    if dtype != torch.float32 or arch < 80:
         return "ieee"
     choice = os.environ.get("SGSD_TRITON_FP32_DOT", "tf32x3")
     if choice not in FP32_DOT_CHOICES:

@@ -255,16 +255,10 @@ def logprobs_backward(
     if cols_max < vocab and not slab_order_allowed(weight.dtype, lowp):
         raise ValueError(f"slab_cols={slab_cols}: vocabulary slabs need dz in {weight.dtype} (sm80+) or fp32 weights")
     several_chunks, several_slabs = rows_max < n_rows, cols_max < vocab
-    dx = dx_acc = dw = dw_acc = None
-    # A gradient in the math dtype is its own fp32 accumulator; a half one gets an fp32 buffer.
-    if compute_dx:
-        dx = torch.empty_like(hidden, memory_format=torch.contiguous_format)
-        if several_slabs:
-            dx_acc = dx.zero_() if dx.dtype == math_dtype else torch.zeros(dx.shape, dtype=math_dtype, device=dx.device)
-    if compute_dw:
-        dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
-        if several_chunks:
-            dw_acc = dw.zero_() if dw.dtype == math_dtype else torch.zeros(dw.shape, dtype=math_dtype, device=dw.device)
+    dx = torch.empty_like(hidden, memory_format=torch.contiguous_format) if compute_dx else None
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if compute_dw else None
+    dx_acc = _accumulator(dx, math_dtype) if compute_dx and several_slabs else None
+    dw_acc = _accumulator(dw, math_dtype) if compute_dw and several_chunks else None
     workspace = torch.empty((rows_max, cols_max), dtype=weight.dtype if lowp else math_dtype, device=hidden.device)
     precision = precision or dot_precision(hidden.device, hidden.dtype)
     for v0 in range(0, vocab, cols_max):
@@ -338,6 +332,12 @@ def _addmm_fp32_out(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     else:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def _accumulator(grad: torch.Tensor, math_dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed buffer to sum `grad` in: grad itself when it is in the math dtype (its own fp32
+    accumulator), else a math-dtype one, copied into grad at the end."""
+    return grad.zero_() if grad.dtype == math_dtype else torch.zeros(grad.shape, dtype=math_dtype, device=grad.device)
 
 
 def _mm_once(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
